@@ -1,0 +1,115 @@
+"""Configuration: validation against ``workflow/schemas/config.schema.yaml`` with messages
+that name the key and what is allowed, plus the cross-key rules a schema cannot say.
+
+    python -m vlmtune.config config/config.yaml [config/demo.yaml ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import yaml
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names every offending key."""
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """Snakemake's --configfile semantics: nested mappings merge, other values replace."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load(*paths: str | Path) -> dict:
+    config: dict = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            config = deep_merge(config, yaml.safe_load(fh) or {})
+    return config
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error) -> str:
+    """One line per schema violation: the dotted key, the value and what is allowed."""
+    key = _key(error.absolute_path)
+    v, schema = error.validator, error.schema
+    if v == "enum":
+        return f"{key}: {error.instance!r} is not allowed; choose one of {schema['enum']}"
+    if v == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"{key}: unknown key(s) {extra}; allowed keys are {allowed}"
+    if v == "required":
+        return f"{key}: {error.message}"
+    if v == "type":
+        return f"{key}: {error.instance!r} has the wrong type; expected {schema['type']}"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"{key}: {error.instance!r} is out of range ({v} {schema[v]})"
+    if v == "pattern":
+        return f"{key}: {error.instance!r} does not match the pattern {schema['pattern']!r}"
+    return f"{key}: {error.message}"
+
+
+def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
+    """Raise ConfigError naming each invalid key; return the config unchanged otherwise."""
+    import jsonschema
+
+    with open(schema_path, encoding="utf-8") as fh:
+        schema = yaml.safe_load(fh)
+    validator = jsonschema.Draft7Validator(schema)
+    problems = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
+        # if/then/else failures are reported through their sub-errors.
+        leaves = [e for e in error.context] if error.validator in ("allOf", "anyOf", "oneOf") else []
+        problems.extend(_describe(e) for e in (leaves or [error]))
+    if not problems:
+        problems.extend(cross_key_problems(config))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    return config
+
+
+def cross_key_problems(config: dict) -> list[str]:
+    train, problems = config["train"], []
+    if train["device"] == "cuda" and train["gpus"] < 1:
+        problems.append("train.gpus: must be >= 1 when train.device is cuda")
+    if train["device"] == "cpu":
+        if train["method"] == "qlora":
+            problems.append("train.method: qlora needs CUDA (bitsandbytes 4-bit); use lora with train.device: cpu")
+        if train["deepspeed"] != "none":
+            problems.append("train.deepspeed: must be none with train.device: cpu")
+        if train["gpus"] != 0:
+            problems.append("train.gpus: must be 0 with train.device: cpu")
+    if train["method"] == "qlora" and train["deepspeed"] == "zero3":
+        problems.append("train.deepspeed: zero3 shards parameters and cannot hold 4-bit (qlora) weights; use zero1/zero2 or method: lora")
+    if config["evaluate"]["engine"] == "lmdeploy" and config["evaluate"].get("gpus", 1) < 1:
+        problems.append("evaluate.gpus: the lmdeploy engine needs a GPU; use engine: transformers on CPU")
+    return problems
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Validate one or more layered config files.")
+    ap.add_argument("configs", nargs="+")
+    args = ap.parse_args(argv)
+    try:
+        validate(load(*args.configs))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    print("configuration is valid")
+
+
+if __name__ == "__main__":
+    main()
