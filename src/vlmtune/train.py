@@ -1,0 +1,110 @@
+"""Launch XTuner training: ``torchrun`` over ``xtuner.tools.train`` (through
+``vlmtune.xtuner_main``), one process per GPU (or ``cpu_processes`` gloo processes on CPU),
+with DeepSpeed on GPUs. Not the ``xtuner train`` CLI, which ignores its child's exit status.
+
+The work dir is kept outside the rule's outputs, so checkpoints survive a failed job and the
+next attempt resumes from ``work_dir/last_checkpoint``. On success the final checkpoint is
+recorded in ``train_result.json``; any failure exits non-zero.
+
+    python -m vlmtune.train --config results/xtuner/my/xtuner_config.py \
+        --work-dir results/train/my/work_dir --gpus 4 --deepspeed zero1 \
+        --result results/train/my/train_result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .atomic import write_json
+
+
+def last_checkpoint(work_dir: Path) -> Path | None:
+    marker = Path(work_dir) / "last_checkpoint"
+    if not marker.is_file():
+        return None
+    path = Path(marker.read_text().strip())
+    return path if path.exists() else None
+
+
+def checkpoint_iteration(path: Path) -> int:
+    match = re.search(r"iter_(\d+)\.pth$", str(path))
+    if not match:
+        raise ValueError(f"not an XTuner iteration checkpoint: {path}")
+    return int(match.group(1))
+
+
+def command(config: Path, work_dir: Path, nproc: int, deepspeed: str | None,
+            resume: Path | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None,
+            node_rank: int | None = None) -> list[str]:  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise ValueError("multi-node training needs a rendezvous endpoint (host:port)")
+        cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        if node_rank is not None:
+            cmd += [f"--node-rank={node_rank}"]
+    else:
+        cmd += ["--standalone", "--nnodes=1"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "vlmtune.xtuner_main", str(config),
+            "--work-dir", str(work_dir), "--launcher", "pytorch"]  # fmt: skip
+    if deepspeed and deepspeed != "none":
+        cmd += ["--deepspeed", f"deepspeed_{deepspeed}"]
+    if resume is not None:
+        cmd += ["--resume", str(resume)]
+    return cmd
+
+
+def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
+        deepspeed: str | None = None, plan: Path | None = None) -> dict:  # fmt: skip
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_checkpoint(work_dir)
+    nproc = gpus if gpus > 0 else cpu_processes
+    cmd = command(config, work_dir, nproc, deepspeed, resume)
+    if plan is not None:
+        p = json.loads(Path(plan).read_text())
+        print(f"[vlmtune.train] plan: {p['world_size']} process(es) x batch {p['batch_size']} x "
+              f"accumulation {p['accumulative_counts']} = global batch {p['global_batch_size']}; "
+              f"{p['samples']} samples -> {p['iterations']} iterations "
+              f"({p['warmup_iterations']} warmup)", flush=True)  # fmt: skip
+    if resume is not None:
+        print(f"[vlmtune.train] resuming from {resume}", flush=True)
+    print("[vlmtune.train] " + " ".join(cmd), flush=True)
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONUNBUFFERED="1")
+    if gpus == 0:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed with exit status {proc.returncode}; "
+                         f"checkpoints in {work_dir} are kept and the next run resumes from them")  # fmt: skip
+    final = last_checkpoint(work_dir)
+    if final is None:
+        raise SystemExit(f"training exited 0 but left no checkpoint in {work_dir}")
+    out = dict(checkpoint=str(final.resolve()), iteration=checkpoint_iteration(final),
+               work_dir=str(work_dir.resolve()), resumed_from=str(resume) if resume else None)  # fmt: skip
+    write_json(result, out)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, type=Path)
+    ap.add_argument("--work-dir", required=True, type=Path)
+    ap.add_argument("--result", required=True, type=Path)
+    ap.add_argument("--plan", type=Path)
+    ap.add_argument("--gpus", type=int, default=0)
+    ap.add_argument("--cpu-processes", type=int, default=1)
+    ap.add_argument("--deepspeed", default="none", choices=["none", "zero1", "zero2", "zero3"])
+    a = ap.parse_args(argv)
+    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan)
+    print(f"[vlmtune.train] done: iteration {out['iteration']}, checkpoint {out['checkpoint']}")
+
+
+if __name__ == "__main__":
+    main()

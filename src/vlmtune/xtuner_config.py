@@ -1,0 +1,274 @@
+"""Render a complete XTuner config file (the whole file, never ``--cfg-options``: the model
+``path`` is used in three places, FIELD-NOTES §2) from the workflow's YAML config.
+
+Device-aware: on CUDA, QLoRA (4-bit LLM) or LoRA with ``AmpOptimWrapper`` and NCCL (DeepSpeed
+replaces the optimizer wrapper when enabled); on CPU, LoRA, ``OptimWrapper`` and gloo. The
+iteration plan (world size, global batch, iterations, warmup) is computed here and written
+beside the config, so a too-short warmup fails before any GPU time is spent.
+
+    python -m vlmtune.xtuner_config --model data/models/InternVL2-2B \
+        --train-json results/converted/x/train.json --image-folder data/datasets/x \
+        --workflow-config config/config.yaml --out results/xtuner/my/xtuner_config.py \
+        --plan results/xtuner/my/plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from string import Template
+
+from .atomic import atomic_file, write_json
+
+TEMPLATE = Template('''\
+# Rendered by vlmtune.xtuner_config from the workflow config; do not edit (edit the YAML).
+# Based on xtuner 0.2.0 configs/internvl/v2/internvl_v2_internlm2_2b_qlora_finetune.py.
+import torch
+from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook,
+                            LoggerHook, ParamSchedulerHook)
+from mmengine.optim import $optim_wrapper_type, CosineAnnealingLR, LinearLR
+from peft import LoraConfig
+from torch.optim import AdamW
+from transformers import AutoTokenizer
+
+from xtuner.dataset import InternVL_V1_5_Dataset
+from xtuner.dataset.collate_fns import default_collate_fn
+from xtuner.dataset.samplers import LengthGroupedSampler
+from xtuner.engine.hooks import DatasetInfoHook
+from xtuner.engine.runner import TrainLoop
+from xtuner.model import InternVL_V1_5
+from xtuner.utils import PROMPT_TEMPLATE
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+path = $path
+
+data_path = $data_path
+image_folder = $image_folder
+prompt_template = PROMPT_TEMPLATE.internlm2_chat
+max_length = $max_length
+
+batch_size = $batch_size  # per device
+accumulative_counts = $accumulative_counts
+dataloader_num_workers = $dataloader_num_workers
+max_epochs = $max_epochs
+optim_type = AdamW
+lr = $lr
+betas = $betas
+weight_decay = $weight_decay
+max_norm = $max_norm  # grad clip
+warmup_ratio = $warmup_ratio
+
+save_steps = $save_steps
+save_total_limit = $save_total_limit  # maximum checkpoints to keep (-1: unlimited)
+
+#######################################################################
+#            PART 2  Model & Tokenizer & Image Processor              #
+#######################################################################
+model = dict(
+    type=InternVL_V1_5,
+    model_path=path,
+    freeze_llm=True,
+    freeze_visual_encoder=True,
+    quantization_llm=$quantization_llm,
+    quantization_vit=False,
+    llm_lora=dict(
+        type=LoraConfig,
+        r=$lora_r,
+        lora_alpha=$lora_alpha,
+        lora_dropout=$lora_dropout,
+        target_modules=None,
+        task_type="CAUSAL_LM",
+    ),
+)
+
+#######################################################################
+#                      PART 3  Dataset & Dataloader                   #
+#######################################################################
+llava_dataset = dict(
+    type=InternVL_V1_5_Dataset,
+    model_path=path,
+    data_paths=data_path,
+    image_folders=image_folder,
+    template=prompt_template,
+    max_length=max_length,
+)
+
+train_dataloader = dict(
+    batch_size=batch_size,
+    num_workers=dataloader_num_workers,
+    dataset=llava_dataset,
+    sampler=dict(
+        type=LengthGroupedSampler,
+        length_property="modality_length",
+        per_device_batch_size=batch_size * accumulative_counts,
+    ),
+    collate_fn=dict(type=default_collate_fn),
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+optim_wrapper = dict(
+    type=$optim_wrapper_type,
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,$amp_options
+)
+
+param_scheduler = [
+    dict(
+        type=LinearLR,
+        start_factor=1e-5,
+        by_epoch=True,
+        begin=0,
+        end=warmup_ratio * max_epochs,
+        convert_to_iter_based=True,
+    ),
+    dict(
+        type=CosineAnnealingLR,
+        eta_min=0.0,
+        by_epoch=True,
+        begin=warmup_ratio * max_epochs,
+        end=max_epochs,
+        convert_to_iter_based=True,
+    ),
+]
+
+train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+tokenizer = dict(
+    type=AutoTokenizer.from_pretrained,
+    pretrained_model_name_or_path=path,
+    trust_remote_code=True,
+)
+
+custom_hooks = [
+    dict(type=DatasetInfoHook, tokenizer=tokenizer),
+]
+
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=$log_interval),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(
+        type=CheckpointHook,
+        save_optimizer=True,  # stock: False, which makes a resume restart the optimizer
+        by_epoch=False,
+        interval=save_steps,
+        max_keep_ckpts=save_total_limit,
+    ),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
+    dist_cfg=dict(backend=$dist_backend),
+)
+
+visualizer = dict(type="Visualizer", vis_backends=[dict(type="LocalVisBackend")])
+log_level = "INFO"
+load_from = None
+resume = False
+randomness = dict(seed=$seed, deterministic=False)
+log_processor = dict(by_epoch=False)
+$model_wrapper
+''')
+
+
+def iteration_plan(samples: int, world_size: int, batch_size: int, accumulative_counts: int,
+                   max_epochs: int, warmup_ratio: float) -> dict:  # fmt: skip
+    """XTuner's arithmetic (FIELD-NOTES §2): an epoch is ceil(samples / global batch)
+    optimizer steps of ``accumulative_counts`` iterations each."""
+    global_batch = batch_size * accumulative_counts * world_size
+    iters_per_epoch = math.ceil(samples / global_batch) * accumulative_counts
+    warmup_iters = int(warmup_ratio * max_epochs * iters_per_epoch)
+    return dict(samples=samples, world_size=world_size, batch_size=batch_size,
+                accumulative_counts=accumulative_counts, global_batch_size=global_batch,
+                iterations_per_epoch=iters_per_epoch, max_epochs=max_epochs,
+                iterations=iters_per_epoch * max_epochs, warmup_iterations=warmup_iters)  # fmt: skip
+
+
+def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tuple[str, dict]:
+    samples = len(json.loads(Path(train_json).read_text(encoding="utf-8")))
+    if samples == 0:
+        raise ValueError(f"{train_json} holds no training samples")
+    cuda = train["device"] == "cuda"
+    world = train["gpus"] if cuda else train.get("cpu_processes", 1)
+    plan = iteration_plan(samples, world, train["batch_size"], train["accumulative_counts"],
+                          train["max_epochs"], train["warmup_ratio"])  # fmt: skip
+    if plan["warmup_iterations"] < 2:
+        # 0 makes mmengine fail ("end should be larger than begin"); 1 keeps lr at 1e-5 x lr.
+        raise ValueError(
+            f"train.warmup_ratio {train['warmup_ratio']} gives {plan['warmup_iterations']} warmup "
+            f"iteration(s) of {plan['iterations']}; at least 2 are needed: raise warmup_ratio "
+            f"to >= {2 / plan['iterations']:.3g} or lower the batch"
+        )
+    lora = train.get("lora", {})
+    values = dict(
+        path=repr(str(Path(model).resolve())),
+        data_path=repr(str(Path(train_json).resolve())),
+        image_folder=repr(str(Path(image_folder).resolve())),
+        max_length=train["max_length"],
+        batch_size=train["batch_size"],
+        accumulative_counts=train["accumulative_counts"],
+        dataloader_num_workers=train.get("dataloader_num_workers", 0),
+        max_epochs=train["max_epochs"],
+        lr=repr(float(train["lr"])),
+        betas=repr(tuple(train.get("betas", (0.9, 0.999)))),
+        weight_decay=train.get("weight_decay", 0.05),
+        max_norm=train.get("max_norm", 1),
+        warmup_ratio=train["warmup_ratio"],
+        save_steps=train.get("save_steps", 1000),
+        save_total_limit=train.get("save_total_limit", 1),
+        quantization_llm=cuda and train["method"] == "qlora",
+        lora_r=lora.get("r", 128),
+        lora_alpha=lora.get("alpha", 256),
+        lora_dropout=lora.get("dropout", 0.05),
+        # AmpOptimWrapper asserts a GPU; DeepSpeed replaces the wrapper anyway.
+        optim_wrapper_type="AmpOptimWrapper" if cuda else "OptimWrapper",
+        amp_options='\n    loss_scale="dynamic",\n    dtype="float16",' if cuda else "",
+        dist_backend=repr("nccl" if cuda else "gloo"),
+        log_interval=train.get("log_interval", 10),
+        seed=train["seed"],
+        # mmengine's default DDP wrapper passes device_ids=[LOCAL_RANK], which CPU modules reject.
+        model_wrapper="" if cuda else 'model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)\n',
+    )
+    return TEMPLATE.substitute(values), plan
+
+
+def main(argv=None) -> None:
+    from .config import load, validate
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--train-json", required=True, type=Path)
+    ap.add_argument("--image-folder", required=True, type=Path)
+    ap.add_argument("--train-settings", help="the config's train section, as JSON text")
+    ap.add_argument("--workflow-config", nargs="*", default=[], help="layered YAML configs")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--plan", required=True, type=Path)
+    a = ap.parse_args(argv)
+    if a.train_settings:
+        train = json.loads(a.train_settings)
+    else:
+        train = validate(load(*a.workflow_config))["train"]
+    try:
+        text, plan = render(a.model, a.train_json, a.image_folder, train)
+    except ValueError as exc:
+        raise SystemExit(f"render_xtuner_config: {exc}") from None
+    with atomic_file(a.out) as fh:
+        fh.write(text)
+    write_json(a.plan, plan)
+    print(json.dumps(plan))
+
+
+if __name__ == "__main__":
+    main()
