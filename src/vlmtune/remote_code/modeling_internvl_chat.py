@@ -133,6 +133,11 @@ class InternVLChatModel(PreTrainedModel):
             input_embeds = self._merge_image_embeddings(input_ids, pixel_values)
         else:
             input_embeds = self.language_model.get_input_embeddings()(input_ids)
+        # InternLM2's prepare_inputs_for_generation uses inputs_embeds only while
+        # past_key_values is None; transformers >= 4.45 pre-creates an empty DynamicCache for
+        # models that support cache classes, so the image embeddings would be dropped. Ask
+        # generate() for the legacy cache path instead (the one the official code was built on).
+        self.language_model._supports_cache_class = False
         return self.language_model.generate(
             inputs_embeds=input_embeds,
             attention_mask=attention_mask,
