@@ -14,9 +14,11 @@ recorded in ``train_result.json``; any failure exits non-zero.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +62,26 @@ def command(config: Path, work_dir: Path, nproc: int, deepspeed: str | None,
     return cmd
 
 
+def claim_work_dir(work_dir: Path, config: Path) -> None:
+    """Resume only checkpoints of the same rendered config: a work dir left by another config
+    (say, a changed lr) is moved aside, never deleted, and training starts afresh."""
+    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    stamp = work_dir / "config.sha256"
+    if work_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        if any(work_dir.iterdir()):
+            old = work_dir.with_name(f"{work_dir.name}.superseded")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(work_dir, old)
+            print(f"[vlmtune.train] the config changed: previous checkpoints moved to {old}", flush=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+
+
 def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
         deepspeed: str | None = None, plan: Path | None = None) -> dict:  # fmt: skip
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work_dir, config)
     resume = last_checkpoint(work_dir)
     nproc = gpus if gpus > 0 else cpu_processes
     cmd = command(config, work_dir, nproc, deepspeed, resume)

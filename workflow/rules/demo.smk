@@ -1,0 +1,33 @@
+# The embedded demo's inputs, built locally (config/demo.yaml points the local sources here).
+
+
+rule demo_model:
+    output:
+        directory("data/demo/InternVL2-tiny"),
+    params:
+        seed=0,
+    log:
+        "logs/demo_model.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m vlmtune.demo model --out {output} --seed {params.seed} > {log} 2>&1"
+
+
+rule demo_dataset:
+    output:
+        directory("data/demo/CLoT-Oogiri-GO"),
+    params:
+        seed=0,
+    log:
+        "logs/demo_dataset.log",
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "python -m vlmtune.demo dataset --out {output} --seed {params.seed} > {log} 2>&1"

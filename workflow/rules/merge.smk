@@ -1,0 +1,22 @@
+# LoRA merge into an official-format model with XTuner's convert_to_official, then checks.
+
+
+rule merge_lora:
+    input:
+        config=f"{XTUNER_DIR}/xtuner_config.py",
+        result=f"{TRAIN_DIR}/train_result.json",
+        base=MODEL_DIR,
+    output:
+        # The folder name keeps "InternVL2": LMDeploy <= 0.9 picks its template by path.
+        model=directory(MERGED_MODEL),
+        report=f"results/merged/{MODEL_NAME}-{RUN}.merge_report.json",
+    log:
+        "logs/merge_lora.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        mem_mb=32000,
+        runtime=60,
+    shell:
+        "python -m vlmtune.merge --config {input.config} --train-result {input.result}"
+        " --base {input.base} --out {output.model} --report {output.report} > {log} 2>&1"

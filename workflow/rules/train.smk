@@ -1,0 +1,54 @@
+# XTuner config rendering and training (torchrun over xtuner.tools.train).
+
+
+rule render_xtuner_config:
+    input:
+        model=MODEL_DIR,
+        train=f"{CONVERTED}/train.json",
+        images=DATASET_DIR,
+    output:
+        config=f"{XTUNER_DIR}/xtuner_config.py",
+        plan=f"{XTUNER_DIR}/plan.json",
+    params:
+        train=json.dumps(TRAIN_SETTINGS, sort_keys=True),
+    log:
+        "logs/render_xtuner_config.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m vlmtune.xtuner_config --model {input.model} --train-json {input.train}"
+        " --image-folder {input.images} --train-settings {params.train:q}"
+        " --out {output.config} --plan {output.plan} > {log} 2>&1"
+
+
+rule train:
+    input:
+        config=f"{XTUNER_DIR}/xtuner_config.py",
+        plan=f"{XTUNER_DIR}/plan.json",
+        model=MODEL_DIR,
+        train=f"{CONVERTED}/train.json",
+    output:
+        # The work dir (checkpoints) is not an output: Snakemake would delete it when a job
+        # fails, and the next attempt resumes from it.
+        result=f"{TRAIN_DIR}/train_result.json",
+    params:
+        work_dir=f"{TRAIN_DIR}/work_dir",
+        deepspeed=TRAIN["deepspeed"],
+        cpu_processes=TRAIN.get("cpu_processes", 1),
+    threads: TRAIN.get("cpus_per_task", 4)
+    log:
+        "logs/train.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        gpu=TRAIN_GPUS,
+        mem_mb=TRAIN.get("mem_mb", 64000),
+        runtime=TRAIN.get("runtime", 360),
+        cpus_per_task=TRAIN.get("cpus_per_task", 4),
+    shell:
+        "python -m vlmtune.train --config {input.config} --plan {input.plan}"
+        " --work-dir {params.work_dir} --result {output.result} --gpus {resources.gpu}"
+        " --cpu-processes {params.cpu_processes} --deepspeed {params.deepspeed} > {log} 2>&1"
