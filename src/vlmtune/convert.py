@@ -67,11 +67,11 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
     """Return (train samples, eval records, report). Nothing is written."""
     dataset = Path(dataset)
     source = dataset / f"{language}.jsonl"
-    read, candidates, skipped = 0, [], defaultdict(list)
+    read, candidates, skipped, errors = 0, [], defaultdict(list), []
 
     def skip(err: BadRecord):
         if on_bad_record == "error":
-            raise err
+            errors.append(err)  # raised below: the first bad line of the file, not of a pass
         skipped[err.reason].append(f"{err.where}: {err.detail}")
 
     with open(source, encoding="utf-8") as fh:
@@ -103,6 +103,9 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
             skip(BadRecord(size, where, f"images/{rec['image']}.jpg"))
             continue
         kept.append((where, rec, size))
+
+    if errors:
+        raise min(errors, key=lambda e: int(e.where.rsplit(":", 1)[1]))
 
     images = sorted({rec["image"] for _, rec, _ in kept})
     held_out = set(random.Random(split_seed).sample(images, min(eval_images, len(images))))

@@ -86,7 +86,9 @@ def check(base: Path, merged: Path, trained: dict) -> dict:
                         f"only in merged {sorted(set(b) - set(a))[:5]}")  # fmt: skip
     if not projector and not lora_changed:
         problems.append("the checkpoint holds no trained projector and no non-zero LoRA update")
-    unknown = sorted((set(projector) | lora_changed) - set(b))
+    # Under strict=False, a checkpoint tensor without a counterpart is silently dropped.
+    plain = {k for k in trained if ".lora_" not in k}
+    unknown = sorted((plain | lora_changed) - set(b))
     if unknown:
         problems.append(f"{len(unknown)} trained tensor(s) have no counterpart in the model, e.g. {unknown[:3]}")
     changed, not_applied, changed_frozen = [], [], []

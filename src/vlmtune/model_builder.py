@@ -177,12 +177,32 @@ def build(out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | No
         torch.manual_seed(seed)
         model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-        # save_pretrained rewrites config.json; the remote code must stay beside it.
+        # save_pretrained rewrites config.json with the temporary folder's name: make the
+        # build reproducible byte for byte. The remote code must stay beside it.
+        saved = json.loads((tmp / "config.json").read_text())
+        saved["_name_or_path"] = Path(out).name
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         copy_model_code(tmp)
         (tmp / "generation_config.json").write_text(
             json.dumps({"bos_token_id": 1, "eos_token_id": [2, 92542 - 92553 + p["vocab_size"]]}, indent=2)
         )
     return Path(out)
+
+
+def preset_parameter_count(preset: str) -> int:
+    """Parameters of a preset's model, instantiated on the meta device (no memory, no weights)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_model_code(Path(tmp))
+        (Path(tmp) / "config.json").write_text(json.dumps(model_config(preset, PRESETS[preset]["vocab_size"])))
+        config = AutoConfig.from_pretrained(tmp, trust_remote_code=True)
+        with torch.device("meta"):
+            model = AutoModel.from_config(config, trust_remote_code=True)
+    return sum(p.numel() for p in model.parameters())
 
 
 def count_parameters(path: Path) -> int:
