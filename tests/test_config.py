@@ -15,7 +15,7 @@ def test_shipped_configs_are_valid(configs):
 @pytest.mark.parametrize(
     "overlay, message",
     [
-        ({"train": {"deepspeed": "zero5"}}, "train.deepspeed: 'zero5' is not allowed; choose one of ['none', 'zero1', 'zero2', 'zero3']"),
+        ({"train": {"deepspeed": "zero5"}}, "train.deepspeed: 'zero5' is not allowed; choose one of ['none', 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload']"),
         ({"train": {"lr": -1}}, "train.lr: -1 is out of range"),
         ({"model": {"source": "s3"}}, "model.source: 's3' is not allowed"),
         ({"typo_key": 1}, "unknown key(s) ['typo_key']"),

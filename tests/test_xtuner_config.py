@@ -9,7 +9,7 @@ from vlmtune.xtuner_config import iteration_plan, render
 @pytest.fixture
 def train_json(tmp_path):
     path = tmp_path / "train.json"
-    path.write_text(json.dumps([{"id": i} for i in range(1000)]))
+    path.write_text(json.dumps([{"id": i} for i in range(10000)]))
     return path
 
 
@@ -35,8 +35,9 @@ def test_four_gpu_qlora_config(configs, train_json, tmp_path):
     assert cfg.max_length == 8192 and cfg.randomness.seed == 42
     assert cfg.default_hooks.checkpoint.save_optimizer is True
     assert "model_wrapper_cfg" not in cfg
-    # 1000 samples / global batch 64 = 16 optimizer steps x 2 accumulation = 32 iterations.
-    assert plan["global_batch_size"] == 64 and plan["iterations"] == 32 and plan["world_size"] == 4
+    # 10,000 samples / global batch 64 = 157 optimizer steps x 2 accumulation = 314 iterations.
+    assert plan["global_batch_size"] == 64 and plan["iterations"] == 314 and plan["world_size"] == 4
+    assert plan["warmup_iterations"] == 9
 
 
 def test_cpu_lora_config(configs, train_json, tmp_path):

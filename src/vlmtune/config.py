@@ -93,8 +93,8 @@ def cross_key_problems(config: dict) -> list[str]:
             problems.append("train.deepspeed: must be none with train.device: cpu")
         if train["gpus"] != 0:
             problems.append("train.gpus: must be 0 with train.device: cpu")
-    if train["method"] == "qlora" and train["deepspeed"] == "zero3":
-        problems.append("train.deepspeed: zero3 shards parameters and cannot hold 4-bit (qlora) weights; use zero1/zero2 or method: lora")
+    if train["method"] == "qlora" and train["deepspeed"].startswith("zero3"):
+        problems.append(f"train.deepspeed: {train['deepspeed']} shards parameters and cannot hold 4-bit (qlora) weights; use zero1/zero2 or method: lora")
     if config["evaluate"]["engine"] == "lmdeploy" and config["evaluate"].get("gpus", 1) < 1:
         problems.append("evaluate.gpus: the lmdeploy engine needs a GPU; use engine: transformers on CPU")
     return problems

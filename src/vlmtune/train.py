@@ -79,7 +79,8 @@ def claim_work_dir(work_dir: Path, config: Path) -> None:
 
 
 def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
-        deepspeed: str | None = None, plan: Path | None = None) -> dict:  # fmt: skip
+        deepspeed: str | None = None, plan: Path | None = None, summary: Path | None = None,
+        curves: Path | None = None) -> dict:  # fmt: skip
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, config)
     resume = last_checkpoint(work_dir)
@@ -106,6 +107,12 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         raise SystemExit(f"training exited 0 but left no checkpoint in {work_dir}")
     out = dict(checkpoint=str(final.resolve()), iteration=checkpoint_iteration(final),
                work_dir=str(work_dir.resolve()), resumed_from=str(resume) if resume else None)  # fmt: skip
+    if summary is not None and curves is not None:
+        from .telemetry import write
+
+        out["summary"] = write(work_dir, summary, curves, extra=dict(
+            gpus=gpus, processes=nproc, deepspeed=deepspeed,
+            plan=json.loads(Path(plan).read_text()) if plan else None))  # fmt: skip
     write_json(result, out)
     return out
 
@@ -116,11 +123,14 @@ def main(argv=None) -> None:
     ap.add_argument("--work-dir", required=True, type=Path)
     ap.add_argument("--result", required=True, type=Path)
     ap.add_argument("--plan", type=Path)
+    ap.add_argument("--summary", type=Path, help="train_summary.json (from vis_data/scalars.json)")
+    ap.add_argument("--curves", type=Path, help="PNG of the loss and learning-rate curves")
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--cpu-processes", type=int, default=1)
-    ap.add_argument("--deepspeed", default="none", choices=["none", "zero1", "zero2", "zero3"])
+    ap.add_argument("--deepspeed", default="none",
+                    choices=["none", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])  # fmt: skip
     a = ap.parse_args(argv)
-    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan)
+    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan, a.summary, a.curves)
     print(f"[vlmtune.train] done: iteration {out['iteration']}, checkpoint {out['checkpoint']}")
 
 

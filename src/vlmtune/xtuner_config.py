@@ -196,13 +196,32 @@ def iteration_plan(samples: int, world_size: int, batch_size: int, accumulative_
                 iterations=iters_per_epoch * max_epochs, warmup_iterations=warmup_iters)  # fmt: skip
 
 
+def world_size(train: dict) -> int:
+    return train["gpus"] if train["device"] == "cuda" else train.get("cpu_processes", 1)
+
+
+def accumulation(train: dict) -> int:
+    """``accumulative_counts``, derived from ``global_batch_size`` when that is set, so the
+    global batch stays fixed whatever the number of processes."""
+    global_batch = train.get("global_batch_size")
+    if not global_batch:
+        return train["accumulative_counts"]
+    per_step = train["batch_size"] * world_size(train)
+    if global_batch % per_step:
+        raise ValueError(
+            f"train.global_batch_size {global_batch} is not a multiple of batch_size "
+            f"{train['batch_size']} x {world_size(train)} process(es) = {per_step}; choose a "
+            f"multiple of {per_step} or change batch_size"
+        )
+    return global_batch // per_step
+
+
 def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tuple[str, dict]:
     samples = len(json.loads(Path(train_json).read_text(encoding="utf-8")))
     if samples == 0:
         raise ValueError(f"{train_json} holds no training samples")
     cuda = train["device"] == "cuda"
-    world = train["gpus"] if cuda else train.get("cpu_processes", 1)
-    plan = iteration_plan(samples, world, train["batch_size"], train["accumulative_counts"],
+    plan = iteration_plan(samples, world_size(train), train["batch_size"], accumulation(train),
                           train["max_epochs"], train["warmup_ratio"])  # fmt: skip
     if plan["warmup_iterations"] < 2:
         # 0 makes mmengine fail ("end should be larger than begin"); 1 keeps lr at 1e-5 x lr.
@@ -218,7 +237,7 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
         image_folder=repr(str(Path(image_folder).resolve())),
         max_length=train["max_length"],
         batch_size=train["batch_size"],
-        accumulative_counts=train["accumulative_counts"],
+        accumulative_counts=plan["accumulative_counts"],
         dataloader_num_workers=train.get("dataloader_num_workers", 0),
         max_epochs=train["max_epochs"],
         lr=repr(float(train["lr"])),

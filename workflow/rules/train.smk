@@ -34,6 +34,8 @@ rule train:
         # The work dir (checkpoints) is not an output: Snakemake would delete it when a job
         # fails, and the next attempt resumes from it.
         result=f"{TRAIN_DIR}/train_result.json",
+        summary=f"{TRAIN_DIR}/train_summary.json",
+        curves=f"{TRAIN_DIR}/loss_curve.png",
     params:
         work_dir=f"{TRAIN_DIR}/work_dir",
         deepspeed=TRAIN["deepspeed"],
@@ -50,5 +52,6 @@ rule train:
         cpus_per_task=TRAIN.get("cpus_per_task", 4),
     shell:
         "python -m vlmtune.train --config {input.config} --plan {input.plan}"
-        " --work-dir {params.work_dir} --result {output.result} --gpus {resources.gpu}"
+        " --work-dir {params.work_dir} --result {output.result} --summary {output.summary}"
+        " --curves {output.curves} --gpus {resources.gpu}"
         " --cpu-processes {params.cpu_processes} --deepspeed {params.deepspeed} > {log} 2>&1"
