@@ -87,8 +87,6 @@ def test_killed_training_resumes_from_its_checkpoint(training_setup):
     assert resumed["iteration"] == straight["iteration"]
     # The resumed attempt's log starts right after the checkpoint, on the same LR schedule.
     runs = sorted(p for p in (root / "killed").iterdir() if p.is_dir() and (p / "vis_data").exists())
-    from vlmtune.telemetry import read_scalars
-
     second = [json.loads(l) for l in (runs[-1] / "vis_data" / "scalars.json").read_text().splitlines() if '"loss"' in l]
     assert second[0]["step"] == first_ckpt + 1
     reference = lr_by_step(root / "straight")

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .atomic import atomic_file
-from .prompt import SYSTEM_PROMPT, image_tokens, training_prompt
+from .prompt import IMG_CONTEXT, SYSTEM_PROMPT, image_tokens, training_prompt
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
 
@@ -34,7 +34,7 @@ def _require(module: str, engine: str):
 
 
 def abbreviate(prompt: str) -> str:
-    return re.sub(r"(<IMG_CONTEXT>)+", lambda m: f"<IMG_CONTEXT>*{len(m.group(0)) // 13}", prompt)
+    return re.sub(f"({re.escape(IMG_CONTEXT)})+", lambda m: f"{IMG_CONTEXT}*{len(m.group(0)) // len(IMG_CONTEXT)}", prompt)
 
 
 def read_eval(path: Path, limit: int | None) -> list[dict]:

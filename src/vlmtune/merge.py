@@ -121,7 +121,8 @@ def check(base: Path, merged: Path, trained: dict) -> dict:
 
 def merge(config: Path, checkpoint: Path, base: Path, out: Path, report_path: Path | None = None) -> dict:
     script = xtuner_root() / "configs" / "internvl" / "v1_5" / "convert_to_official.py"
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    # convert_to_official rebuilds the model in bf16 on the CPU; it needs no GPU.
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     with atomic_dir(Path(out)) as tmp:
         target = tmp / "model"
         cmd = [sys.executable, str(script), str(config), str(checkpoint), str(target)]
