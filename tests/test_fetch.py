@@ -64,3 +64,155 @@ def test_offline_hub_error_says_what_to_do(tmp_path, monkeypatch):
         fetch("model", "huggingface", tmp_path / "m", repo_id="OpenGVLab/InternVL2-2B", revision="main")
     msg = str(err.value)
     assert "OpenGVLab/InternVL2-2B@main" in msg and "HF_ENDPOINT" in msg and "source: local" in msg
+
+
+# --- Hub downloads against a loopback server speaking the hub's file protocol (tests/hub_server.py)
+# with the real huggingface_hub client. conftest.py sets HF_HUB_OFFLINE=1; the `hub` fixture turns
+# it off for one test (the client reads it at import, so its constant and sessions are reset too).
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hub_server import HubServer, Repo, wait_for
+
+from vlmtune.fetch import RetryPolicy
+
+MODEL_ID, DATASET_ID = "OpenGVLab/InternVL2-2B", "zhongshsh/CLoT-Oogiri-GO"
+CHUNK = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: bytes reach the disk in these
+FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+
+
+def model_files() -> dict[str, bytes]:
+    big = hashlib.sha256(b"seed").digest() * (24 * 1024 * 1024 // 32 + 7)  # 24 MiB + 224 B
+    return {"config.json": b'{"model_type": "internvl_chat"}\n', "generation_config.json": b"{}\n",
+            "model.safetensors": big, "tokenizer.model": b"tok" * 1000}  # fmt: skip
+
+
+@pytest.fixture
+def hub(monkeypatch, demo_dataset, tmp_path):
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    buf = __import__("io").BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for jpg in sorted((demo_dataset / "images").iterdir()):
+            zf.write(jpg, f"images/{jpg.name}")
+    dataset = {"cn.jsonl": (demo_dataset / "cn.jsonl").read_bytes(), "en.jsonl": b'{"text": "x"}\n',
+               "images.zip": buf.getvalue(), "README.md": b"# CLoT\n"}  # fmt: skip
+    repos = {("model", MODEL_ID): Repo(model_files(), lfs={"model.safetensors"}),
+             ("dataset", DATASET_ID): Repo(dataset, commit="d" * 40, lfs={"images.zip"})}  # fmt: skip
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    reset_sessions()
+    with HubServer(repos) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        server.cache = tmp_path / "hub-cache"
+        yield server
+    reset_sessions()
+
+
+def test_hub_dataset_download_is_verified_and_pinned(hub, demo_dataset, tmp_path):
+    out = fetch("dataset", "huggingface", tmp_path / "ds", repo_id=DATASET_ID, revision="main",
+                language="cn", policy=FAST, cache_dir=str(hub.cache))  # fmt: skip
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["revision"] == "main" and m["commit"] == "d" * 40
+    assert m["files"]["cn.jsonl"]["sha256"] == sha256(demo_dataset / "cn.jsonl")
+    assert m["files"]["cn.jsonl"]["hub_check"] == "git_blob_sha1"
+    assert m["files"]["images.zip"]["hub_check"] == "lfs_sha256" and m["hub_checked_files"] == 3
+    assert m["extracted_from_zip"] == 13 and (out / "images" / "demo005.jpg").is_file()
+    assert "en.jsonl" not in m["files"] and not hub.requested(suffix="en.jsonl")  # only what is needed
+    assert "HF_TOKEN" not in json.dumps(m)
+
+
+def test_interrupted_download_resumes_without_refetching(hub, tmp_path):
+    """A fetch process killed mid-file (as when a Slurm job hits its time limit) leaves the
+    completed files and the partial one in the hub cache; the rerun asks only for the rest."""
+    hub.fault(path_suffix="model.safetensors", kind="stall", after_bytes=CHUNK + CHUNK // 2)
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache), "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}  # fmt: skip
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtune.fetch", "model", "--source", "huggingface",
+                             "--repo-id", MODEL_ID, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    partial = lambda: list(hub.cache.rglob("*.incomplete"))  # noqa: E731
+    try:
+        assert wait_for(lambda: partial() and partial()[0].stat().st_size >= CHUNK, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    kept = partial()[0].stat().st_size
+    assert 0 < kept < len(model_files()["model.safetensors"]) and not out.exists()
+    first_run = len(hub.requests)
+    assert hub.requested("GET", "config.json") and hub.requested("GET", "generation_config.json")
+
+    fetch("model", "huggingface", out, repo_id=MODEL_ID, revision="main", policy=FAST, cache_dir=str(hub.cache))
+    rerun = hub.requests[first_run:]
+    gets = [(path.rsplit("/", 1)[1], rng) for method, path, rng in rerun if method == "GET" and "/resolve/" in path]
+    # (a) the partial file continues where the killed process left it; (b) finished files are not fetched.
+    assert gets == [("model.safetensors", f"bytes={kept}-"), ("tokenizer.model", None)]
+    m = json.loads((out / "manifest.json").read_text())
+    for name, data in model_files().items():
+        assert m["files"][name]["sha256"] == hashlib.sha256(data).hexdigest() == sha256(out / name)
+    assert m["commit"] == hub.repos[("model", MODEL_ID)].commit
+
+
+def test_connection_dropped_mid_file_is_retried_with_range(hub, tmp_path, capsys):
+    hub.fault(path_suffix="model.safetensors", kind="drop", after_bytes=CHUNK + 4096)
+    out = fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main", policy=FAST,
+                cache_dir=str(hub.cache))  # fmt: skip
+    ranges = [rng for _, _, rng in hub.requested("GET", "model.safetensors")]
+    assert ranges[0] is None and ranges[1] == f"bytes={CHUNK}-" and len(ranges) == 2
+    assert sha256(out / "model.safetensors") == hashlib.sha256(model_files()["model.safetensors"]).hexdigest()
+    assert "retrying in" in capsys.readouterr().out
+
+
+def test_transient_503_is_retried_then_succeeds(hub, tmp_path, capsys):
+    hub.fault(path_suffix="/revision/main", kind="status", status=503, times=2)
+    hub.fault(path_suffix="/config.json", kind="status", status=502, times=1, methods=("HEAD",))
+    out = fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main", policy=FAST,
+                cache_dir=str(hub.cache))  # fmt: skip
+    assert len(hub.requested("GET", "/revision/main")) == 3
+    assert len(hub.requested("HEAD", "/config.json")) == 2
+    assert (out / "config.json").read_bytes() == model_files()["config.json"]
+    log = capsys.readouterr().out
+    assert "HTTP 503; retrying" in log and "HTTP 502; retrying" in log
+
+
+@pytest.mark.parametrize("repo_id, revision, why", [
+    ("OpenGVLab/NoSuchModel", "main", "repository not found"),
+    (MODEL_ID, "v9.9", "revision not found"),
+])  # fmt: skip
+def test_permanent_404_fails_at_once_naming_repo_and_revision(hub, tmp_path, repo_id, revision, why):
+    slow = RetryPolicy(attempts=5, base_delay=30)  # a retry would show up as a 30 s stall
+    with pytest.raises(FetchError) as err:
+        fetch("model", "huggingface", tmp_path / "m", repo_id=repo_id, revision=revision, policy=slow,
+              cache_dir=str(hub.cache))  # fmt: skip
+    msg = str(err.value)
+    assert f"{repo_id}@{revision}" in msg and why in msg and "gave up" not in msg
+    assert len(hub.requests) == 1 and not (tmp_path / "m").exists()
+
+
+def test_corrupted_download_is_detected_and_refetched(hub, tmp_path, capsys):
+    hub.fault(path_suffix="tokenizer.model", kind="corrupt")
+    out = fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main", policy=FAST,
+                cache_dir=str(hub.cache))  # fmt: skip
+    assert len(hub.requested("GET", "tokenizer.model")) == 2
+    assert (out / "tokenizer.model").read_bytes() == model_files()["tokenizer.model"]
+    assert "differs from the hub's" in capsys.readouterr().out
+
+
+def test_no_network_fails_at_once(hub, tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(FetchError) as err:
+        fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main",
+              policy=RetryPolicy(attempts=5, base_delay=30), cache_dir=str(hub.cache))  # fmt: skip
+    assert "cannot connect" in str(err.value) and "HF_ENDPOINT" in str(err.value)

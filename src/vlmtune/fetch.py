@@ -1,11 +1,20 @@
 """Fetch a model or a dataset into the workflow's data folder, from the Hugging Face Hub
 (honours ``HF_ENDPOINT``; the token comes from ``HF_TOKEN`` in the environment and is never
 written anywhere), ModelScope, or a local folder, and write ``manifest.json`` beside it
-(revision, commit, every file's size and sha256).
+(revision, the commit it resolved to, every file's size and sha256, which hub hash was checked).
 
-Hub downloads go through the hub client's own cache, which resumes interrupted downloads and
-which Snakemake does not delete when a job fails; the output folder is then filled from the
-cache by hard links (copies across file systems).
+Hub downloads: the revision is resolved to a commit once (``/api/.../revision/<rev>`` with file
+metadata), then each wanted file is fetched at that commit through the hub client's cache. The
+cache keeps completed files and the partial ``<blob>.incomplete`` of the current one, and
+Snakemake does not delete it when a job fails, so a rerun asks only for the missing bytes
+(``Range``) and skips finished files. Each request is retried with exponential backoff on
+transient errors (HTTP 408/425/429/5xx, dropped connections, timeouts, a hash mismatch) and
+fails at once on permanent ones (401/403 gated or private, 404 repository/revision/file, no
+route to the hub, offline mode) with a message naming repo, revision and what to try. Every
+file is checked against the hub's hash: ``lfs.sha256`` for LFS files, the git blob sha1
+(``blobId``) otherwise. Progress is printed as log lines (the hub client's bars are off when
+stderr is not a terminal, which is the case under Snakemake's ``> {log} 2>&1``). The output
+folder is then filled from the cache by hard links (copies across file systems).
 
     python -m vlmtune.fetch model --source huggingface --repo-id OpenGVLab/InternVL2-2B \
         --revision main --out data/models/InternVL2-2B
@@ -18,9 +27,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import random
 import shutil
 import stat
+import threading
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .atomic import atomic_dir, write_json
@@ -35,31 +48,245 @@ def dataset_patterns(language: str) -> list[str]:
     return [f"{language}.jsonl", "images.zip", "images/*", "images/**", "README.md"]
 
 
-def _hub_help(kind: str, repo_id: str, revision: str, source: str, exc: Exception) -> FetchError:
+# HTTP statuses worth retrying: the server is busy or briefly down; anything else in 4xx means
+# the request itself is wrong (missing repo or file, no access), so retrying cannot help.
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class RetryPolicy:
+    """Attempts per request and the exponential backoff between them (base · 2^k, capped)."""
+
+    attempts: int = 6
+    base_delay: float = 2.0
+    max_delay: float = 60.0
+
+    def delay(self, attempt: int) -> float:
+        # A little jitter so that parallel jobs hitting the same hub spread out.
+        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * random.uniform(1.0, 1.25)
+
+
+class HashMismatch(FetchError):
+    """A downloaded file disagrees with the hash the hub lists for it (the blob is discarded)."""
+
+
+def _causes(exc: BaseException):
+    """The exception, its causes and what requests/urllib3 wrap inside (``args[0]``, ``reason``)."""
+    seen, todo = [], [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return [e for e in seen if isinstance(e, BaseException)]
+
+
+def classify(exc: BaseException) -> tuple[bool, str]:
+    """(transient?, what went wrong) for an error raised while talking to the hub."""
+    import requests
+    import urllib3.exceptions as u3
+    from huggingface_hub import errors as hub
+
+    # LocalEntryNotFoundError (an EntryNotFoundError) only wraps the real cause: "not in the
+    # cache after the HEAD request failed"; judge by what it wraps.
+    causes = [e for e in _causes(exc) if not isinstance(e, hub.LocalEntryNotFoundError)]
+    verdicts = [  # the hub's own verdicts, most specific first: never worth a retry
+        (hub.GatedRepoError, "the repository is gated (401/403)"),
+        (hub.RepositoryNotFoundError, "repository not found, or private without a token (401/404)"),
+        (hub.RevisionNotFoundError, "revision not found (404)"),
+        (hub.EntryNotFoundError, "file not found at this revision (404)"),
+        (hub.DisabledRepoError, "the repository is disabled"),
+        (hub.OfflineModeIsEnabled, "offline mode is on (HF_HUB_OFFLINE)"),
+    ]
+    for e in causes:
+        for kind, why in verdicts:
+            if isinstance(e, kind):
+                return False, why
+        if isinstance(e, HashMismatch):
+            return True, str(e)
+    for e in causes:
+        if isinstance(e, (requests.Timeout, u3.ConnectTimeoutError, u3.ReadTimeoutError, TimeoutError)) and not isinstance(
+            e, u3.NewConnectionError
+        ):
+            return True, f"timeout ({type(e).__name__})"
+        if isinstance(e, u3.NewConnectionError):
+            # DNS failure, network unreachable, connection refused: no route to the hub at all.
+            return False, f"cannot connect, no network? ({e})"
+        response = getattr(e, "response", None)
+        if isinstance(e, requests.HTTPError) and response is not None:
+            code = response.status_code
+            return code in TRANSIENT_STATUS, f"HTTP {code}"
+    for e in causes:
+        if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                          u3.ProtocolError, ConnectionError)):  # fmt: skip
+            return True, f"connection lost ({type(e).__name__})"
+    return False, f"{type(exc).__name__}: {exc}"
+
+
+def _hub_help(kind: str, repo_id: str, revision: str, source: str, exc: Exception, why: str = "",
+              attempts: int = 1, cache: str | None = None) -> FetchError:  # fmt: skip
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     where = endpoint if source == "huggingface" else "modelscope.cn"
-    return FetchError(
-        f"could not fetch {kind} {repo_id}@{revision} from {where}: {type(exc).__name__}: {exc}\n"
-        f"  - no network? use a mirror (export HF_ENDPOINT=https://hf-mirror.com), or\n"
-        f"  - download it elsewhere and set {kind}.source: local and {kind}.path: /path/to/folder\n"
-        f"  - gated or private? export HF_TOKEN=... (never put it in the config)"
-    )
+    head = f"could not fetch {kind} {repo_id}@{revision} from {where}: {why or type(exc).__name__}"
+    if attempts > 1:
+        head += f" (gave up after {attempts} attempts)"
+    tips = []
+    if "gated" in why or "not found, or private" in why:
+        tips.append("gated or private? accept its licence on the hub page, then export HF_TOKEN=... "
+                    "(never put it in the config)")  # fmt: skip
+    if "revision" in why:
+        tips.append(f"check {kind}.revision: a branch, a tag or a 40-character commit of {repo_id}")
+    if "not found" in why:
+        tips.append(f"check {kind}.repo_id ({repo_id}) and that the repository is a {kind}")
+    if attempts > 1:
+        tips.append("the hub is failing right now: rerun later; completed files and the partial one stay "
+                    f"in the hub cache{f' ({cache})' if cache else ''} and the download resumes there")  # fmt: skip
+    tips += ["no network? use a mirror (export HF_ENDPOINT=https://hf-mirror.com), or",
+             f"download it elsewhere and set {kind}.source: local and {kind}.path: /path/to/folder"]  # fmt: skip
+    err = FetchError(f"{head}\n  last error: {type(exc).__name__}: {str(exc).strip()[:500]}\n  - "
+                     + "\n  - ".join(tips))  # fmt: skip
+    err.transient = attempts > 1
+    return err
 
 
-def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str] | None) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download
+def with_retries(what: str, fn, policy: RetryPolicy, log=print):
+    """Call ``fn`` until it succeeds, retrying transient hub errors with exponential backoff.
+    Returns (result, attempts used); raises the last error with ``.why`` and ``.attempts`` set."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn(), attempt
+        except FetchError as exc:
+            if not isinstance(exc, HashMismatch):
+                raise
+            transient, why = True, str(exc)
+        except Exception as exc:  # the hub client raises many types; classify() sorts them
+            transient, why = classify(exc)
+            if not transient or attempt == policy.attempts:
+                exc.why, exc.attempts = why, attempt
+                raise
+        if attempt == policy.attempts:
+            raise FetchError(f"{what}: {why} (after {attempt} attempts)")
+        delay = policy.delay(attempt)
+        log(f"{what}: attempt {attempt}/{policy.attempts} failed: {why}; retrying in {delay:.1f} s", flush=True)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The hub's ``blobId`` of a non-LFS file: git's object hash of its content."""
+    h = hashlib.sha1(b"blob %d\0" % Path(path).stat().st_size)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Progress:
+    """Log lines (not a terminal bar: logs are files) with the bytes on disk of a download,
+    read from the hub cache's ``<blob>.incomplete`` every ``interval`` seconds."""
+
+    def __init__(self, name: str, total: int, partial: Path, interval: float = 10.0):
+        self.name, self.total, self.partial, self.interval = name, total, partial, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self) -> int:
+        try:
+            return self.partial.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _run(self):
+        start, first = time.monotonic(), self._size()
+        while not self._stop.wait(self.interval):
+            done = self._size()
+            rate = (done - first) / max(time.monotonic() - start, 1e-9) / 1e6
+            print(f"  {self.name}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB "
+                  f"({100 * done / max(self.total, 1):.0f}%), {rate:.1f} MB/s", flush=True)  # fmt: skip
+
+    def __enter__(self):
+        if self._size():
+            print(f"  {self.name}: resuming from {self._size() / 1e6:.1f}/{self.total / 1e6:.1f} MB", flush=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str] | None,
+                     policy: RetryPolicy | None = None, cache_dir: str | None = None,
+                     progress_interval: float = 10.0) -> tuple[Path, str, dict]:  # fmt: skip
+    """Download the wanted files of ``repo_id@revision`` into the hub cache, one by one, each
+    retried on transient errors and checked against the hub's hash. Returns (snapshot folder,
+    commit, {file: {"sha256", "hub_check"}})."""
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import filter_repo_objects
+
+    policy = policy or RetryPolicy()
+    repo_type = "dataset" if kind == "dataset" else "model"
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now, not at the hub client's import
+    cache = Path(cache_dir or constants.HF_HUB_CACHE)
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+
+    def fail(exc, attempts=None):
+        why = getattr(exc, "why", None) or classify(exc)[1]
+        return _hub_help(kind, repo_id, revision, "huggingface", exc, why,
+                         attempts or getattr(exc, "attempts", 1), str(cache))  # fmt: skip
 
     try:
-        path = snapshot_download(
-            repo_id=repo_id,
-            repo_type="dataset" if kind == "dataset" else "model",
-            revision=revision,
-            allow_patterns=patterns,
-        )
-    except Exception as exc:  # the hub client raises many types for "unreachable"
-        raise _hub_help(kind, repo_id, revision, "huggingface", exc) from exc
-    # The cache folder of a snapshot is named after the commit it resolved to.
-    return Path(path), Path(path).name
+        info, _ = with_retries(f"{repo_id}@{revision}: file list", lambda: HfApi(endpoint=endpoint).repo_info(
+            repo_id, repo_type=repo_type, revision=revision, files_metadata=True), policy)  # fmt: skip
+    except Exception as exc:
+        raise fail(exc) from exc
+    commit = info.sha
+    siblings = {s.rfilename: s for s in info.siblings or []}
+    wanted = sorted(filter_repo_objects(list(siblings), allow_patterns=patterns))
+    print(f"{repo_id}@{revision} is commit {commit}: {len(wanted)} files, "
+          f"{sum(siblings[n].size or 0 for n in wanted) / 1e6:.1f} MB", flush=True)  # fmt: skip
+
+    checked: dict[str, dict] = {}
+    for i, name in enumerate(wanted, 1):
+        s = siblings[name]
+        blob = storage / "blobs" / (s.lfs.sha256 if s.lfs else s.blob_id or "?")
+
+        def download_and_check():
+            with Progress(name, s.size or 0, blob.with_name(blob.name + ".incomplete"), progress_interval):
+                path = Path(hf_hub_download(repo_id, name, repo_type=repo_type, revision=commit,
+                                            cache_dir=str(cache), endpoint=endpoint))  # fmt: skip
+            return path, verify_hub_hash(path, s)
+
+        print(f"[{i}/{len(wanted)}] {name} ({(s.size or 0) / 1e6:.1f} MB)", flush=True)
+        try:
+            (path, entry), _ = with_retries(f"{repo_id}@{revision}: {name}", download_and_check, policy)
+        except Exception as exc:
+            raise fail(exc, policy.attempts if isinstance(exc, FetchError) else None) from exc
+        checked[name] = entry
+    return storage / "snapshots" / commit, commit, checked
+
+
+def verify_hub_hash(path: Path, sibling) -> dict:
+    """Check a downloaded file against the size and hash the hub lists (sha256 for LFS files,
+    git's blob sha1 otherwise). On a mismatch the cached blob is removed so a retry re-fetches."""
+    real = Path(path).resolve()
+    digest = sha256(real)
+    if sibling.lfs:
+        expected, actual, check = sibling.lfs.sha256, digest, "lfs_sha256"
+    elif sibling.blob_id:
+        expected, actual, check = sibling.blob_id, git_blob_sha1(real), "git_blob_sha1"
+    else:
+        expected = actual = check = None
+    size = real.stat().st_size
+    if (sibling.size is not None and size != sibling.size) or expected != actual:
+        real.unlink(missing_ok=True)
+        Path(path).unlink(missing_ok=True)
+        raise HashMismatch(f"{sibling.rfilename}: {check} {actual} (size {size}) differs from the hub's "
+                           f"{expected} (size {sibling.size}); the cached copy was discarded")  # fmt: skip
+    return {"sha256": digest, "hub_check": check}
 
 
 def from_modelscope(kind: str, repo_id: str, revision: str, patterns: list[str] | None) -> tuple[Path, str]:
@@ -130,23 +357,31 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def manifest(folder: Path, **meta) -> dict:
+def manifest(folder: Path, known: dict[str, dict] | None = None, **meta) -> dict:
+    """Every file's size and sha256 (and, for downloaded files, which hub hash was checked);
+    ``known`` holds hashes already computed during the download (same bytes: hard links)."""
+    known = known or {}
     files = {}
     for path in sorted(Path(folder).rglob("*")):
         if path.is_file() and path.name != "manifest.json":
             rel = path.relative_to(folder).as_posix()
-            files[rel] = {"size": path.stat().st_size, "sha256": sha256(path)}
+            entry = {"size": path.stat().st_size, "sha256": known.get(rel, {}).get("sha256") or sha256(path)}
+            if rel in known:
+                entry["hub_check"] = known[rel].get("hub_check")
+            files[rel] = entry
     return {**meta, "files": files}
 
 
-def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=None, language=None) -> Path:
+def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=None, language=None,
+          policy: RetryPolicy | None = None, cache_dir: str | None = None) -> Path:  # fmt: skip
     patterns = dataset_patterns(language) if kind == "dataset" else None
+    checked: dict[str, dict] = {}
     if source == "local":
         if not path or not Path(path).is_dir():
             raise FetchError(f"{kind}.path {path!r} is not a folder (source: local)")
         src, commit = Path(path), None
     elif source == "huggingface":
-        src, commit = from_huggingface(kind, repo_id, revision, patterns)
+        src, commit, checked = from_huggingface(kind, repo_id, revision, patterns, policy, cache_dir)
     elif source == "modelscope":
         src, commit = from_modelscope(kind, repo_id, revision, patterns)
     else:
@@ -160,10 +395,12 @@ def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=N
             archive = tmp / "images.zip"
             if archive.is_file() and not (tmp / "images").is_dir():
                 extracted = safe_extract(archive, tmp)
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if source == "huggingface" else None
         meta = dict(kind=kind, source=source, repo_id=repo_id, revision=revision,
-                    commit=commit, local_path=str(path) if path else None,
-                    extracted_from_zip=extracted)  # fmt: skip
-        write_json(tmp / "manifest.json", manifest(tmp, **meta))
+                    commit=commit, endpoint=endpoint, local_path=str(path) if path else None,
+                    extracted_from_zip=extracted,
+                    hub_checked_files=sum(1 for v in checked.values() if v.get("hub_check")))  # fmt: skip
+        write_json(tmp / "manifest.json", manifest(tmp, checked, **meta))
     return Path(out)
 
 
@@ -175,10 +412,14 @@ def main(argv=None) -> None:
     ap.add_argument("--revision", default="main")
     ap.add_argument("--path")
     ap.add_argument("--language", default="cn")
+    ap.add_argument("--attempts", type=int, default=RetryPolicy.attempts, help="tries per request")
+    ap.add_argument("--backoff", type=float, default=RetryPolicy.base_delay, help="first retry delay, s")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    policy = RetryPolicy(attempts=max(1, args.attempts), base_delay=args.backoff)
     try:
-        out = fetch(args.kind, args.source, args.out, args.repo_id, args.revision, args.path, args.language)
+        out = fetch(args.kind, args.source, args.out, args.repo_id, args.revision, args.path, args.language,
+                    policy)  # fmt: skip
     except FetchError as exc:
         raise SystemExit(f"fetch {args.kind}: {exc}") from None
     print(f"fetched {args.kind} into {out}")
