@@ -78,14 +78,34 @@ def claim_work_dir(work_dir: Path, config: Path) -> None:
     stamp.write_text(digest + "\n")
 
 
+def slurm_launch(nodes: int, port: int = 29500) -> tuple[list[str], str]:
+    """For a job over several nodes: the `srun` prefix that starts one torchrun per node
+    (sharing the step the workflow runs in, hence --overlap) and the rendezvous endpoint on
+    the job's first node."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        raise SystemExit(f"train.nodes is {nodes}: multi-node training runs inside a Slurm job "
+                         "(--profile profiles/slurm); SLURM_JOB_NODELIST is not set")  # fmt: skip
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                           text=True, check=True).stdout.split()  # fmt: skip
+    if len(hosts) < nodes:
+        raise SystemExit(f"train.nodes is {nodes} but the Slurm job holds {len(hosts)} node(s): {hosts}")
+    srun = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
+    return srun, f"{hosts[0]}:{port}"
+
+
 def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
         deepspeed: str | None = None, plan: Path | None = None, summary: Path | None = None,
-        curves: Path | None = None) -> dict:  # fmt: skip
+        curves: Path | None = None, nodes: int = 1) -> dict:  # fmt: skip
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, config)
     resume = last_checkpoint(work_dir)
     nproc = gpus if gpus > 0 else cpu_processes
-    cmd = command(config, work_dir, nproc, deepspeed, resume)
+    if nodes > 1:
+        srun, endpoint = slurm_launch(nodes)
+        cmd = srun + command(config, work_dir, nproc, deepspeed, resume, nnodes=nodes, rdzv_endpoint=endpoint)
+    else:
+        cmd = command(config, work_dir, nproc, deepspeed, resume)
     if plan is not None:
         p = json.loads(Path(plan).read_text())
         print(f"[vlmtune.train] plan: {p['world_size']} process(es) x batch {p['batch_size']} x "
@@ -126,11 +146,12 @@ def main(argv=None) -> None:
     ap.add_argument("--summary", type=Path, help="train_summary.json (from vis_data/scalars.json)")
     ap.add_argument("--curves", type=Path, help="PNG of the loss and learning-rate curves")
     ap.add_argument("--gpus", type=int, default=0)
+    ap.add_argument("--nodes", type=int, default=1, help="> 1: one torchrun per node of the Slurm job")
     ap.add_argument("--cpu-processes", type=int, default=1)
     ap.add_argument("--deepspeed", default="none",
                     choices=["none", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])  # fmt: skip
     a = ap.parse_args(argv)
-    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan, a.summary, a.curves)
+    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan, a.summary, a.curves, a.nodes)
     print(f"[vlmtune.train] done: iteration {out['iteration']}, checkpoint {out['checkpoint']}")
 
 

@@ -197,7 +197,8 @@ def iteration_plan(samples: int, world_size: int, batch_size: int, accumulative_
 
 
 def world_size(train: dict) -> int:
-    return train["gpus"] if train["device"] == "cuda" else train.get("cpu_processes", 1)
+    # torchrun processes over all nodes: one per GPU (train.gpus is per node)
+    return train["gpus"] * train.get("nodes", 1) if train["device"] == "cuda" else train.get("cpu_processes", 1)
 
 
 def accumulation(train: dict) -> int:

@@ -35,11 +35,14 @@ PREDICTIONS = f"results/eval/{RUN}/{{variant}}/predictions.jsonl"
 TRAIN = config["train"]
 # GPUs a training job holds: torchrun starts one process per GPU.
 TRAIN_GPUS = TRAIN["gpus"] if TRAIN["device"] == "cuda" else 0
+TRAIN_NODES = TRAIN.get("nodes", 1)
 EVAL = config["evaluate"]
 EVAL_GPUS = EVAL.get("gpus", 1) if EVAL["engine"] == "lmdeploy" else EVAL.get("gpus", 0)
 # Keys of the train section that change the rendered XTuner config (not the job's resources).
 TRAIN_SETTINGS = {
-    k: v for k, v in TRAIN.items() if k not in ("mem_mb", "runtime", "cpus_per_task")
+    k: v
+    for k, v in TRAIN.items()
+    if k not in ("mem_mb", "runtime", "cpus_per_task", "gpu_model")
 }
 GENERATION = {
     k: EVAL.get(k, d)
@@ -61,3 +64,11 @@ def local_source(kind):
 
 def evaluated_model(wildcards):
     return MODEL_DIR if wildcards.variant == "base" else MERGED_MODEL
+
+
+# Compute nodes of many clusters have no internet: downloads run where Snakemake runs.
+if config.get("cluster", {}).get("fetch_on_submit_host", True):
+
+    localrules:
+        fetch_model,
+        fetch_dataset,

@@ -28,6 +28,8 @@ rule evaluate:
         )
     resources:
         gpu=EVAL_GPUS,
+        gpu_model=EVAL.get("gpu_model") or "",
+        cpus_per_task=EVAL.get("cpus_per_task", 4),
         mem_mb=EVAL.get("mem_mb", 32000),
         runtime=EVAL.get("runtime", 60),
     shell:

@@ -40,18 +40,23 @@ rule train:
         work_dir=f"{TRAIN_DIR}/work_dir",
         deepspeed=TRAIN["deepspeed"],
         cpu_processes=TRAIN.get("cpu_processes", 1),
+        # torchrun processes per node: the config's, which the rendered plan counts on
+        gpus_per_node=TRAIN_GPUS,
     threads: TRAIN.get("cpus_per_task", 4)
     log:
         "logs/train.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
-        gpu=TRAIN_GPUS,
+        # Slurm: `--gpus=[gpu_model:]gpu` counts the whole job's GPUs, over `nodes` nodes.
+        nodes=TRAIN_NODES,
+        gpu=TRAIN_GPUS * TRAIN_NODES,
+        gpu_model=TRAIN.get("gpu_model") or "",
         mem_mb=TRAIN.get("mem_mb", 64000),
         runtime=TRAIN.get("runtime", 360),
         cpus_per_task=TRAIN.get("cpus_per_task", 4),
     shell:
         "python -m vlmtune.train --config {input.config} --plan {input.plan}"
         " --work-dir {params.work_dir} --result {output.result} --summary {output.summary}"
-        " --curves {output.curves} --gpus {resources.gpu}"
+        " --curves {output.curves} --gpus {params.gpus_per_node} --nodes {resources.nodes}"
         " --cpu-processes {params.cpu_processes} --deepspeed {params.deepspeed} > {log} 2>&1"

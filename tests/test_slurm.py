@@ -1,0 +1,228 @@
+"""Cluster execution: the Slurm profile's resources in dry runs, the generated 2-node
+submission, and the demo workflow on a real single-node Slurm (tests/slurm_cluster.py) whose
+outputs must equal a local run's."""
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from slurm_cluster import DAEMONS, SingleNodeSlurm, running
+
+COPIED = ["Snakefile", "workflow", "config", "envs", "src", "profiles", "requirements"]
+
+
+def copy_workflow(dest):
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in COPIED:
+        src = ROOT / item
+        if src.exists():
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+    return dest
+
+
+def snakemake(workdir, *args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").glob("*.log"))) if (workdir / "logs").exists() else ""
+        raise AssertionError(proc.stdout[-6000:] + proc.stderr[-6000:] + logs)
+    return proc
+
+
+def job_blocks(dry_run_output):
+    """rule name -> its block in a dry run's listing."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(?:local)?rule (\w+):\n(.*?)(?=\n\n|\Z)", dry_run_output, re.S | re.M)}
+
+
+LOCAL_RULES = """
+import sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+with SnakemakeApi(OutputSettings()) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(), snakefile=Path("Snakefile"),
+                      config_settings=ConfigSettings(configfiles=[Path(p) for p in sys.argv[1:]]))
+    print(" ".join(sorted(wf._workflow._localrules)))
+"""
+
+
+def local_rules(workdir, *configfiles):
+    """The workflow's `localrules` (a dry run prints every job as local, so ask the parsed
+    workflow; Snakemake keeps them in Workflow._localrules)."""
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RULES, *configfiles], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return set(proc.stdout.split())
+
+
+def resources(block):
+    line = next(l for l in block.splitlines() if l.strip().startswith("resources:"))
+    pairs = [p.split("=", 1) for p in line.split("resources:", 1)[1].split(", ")]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+@pytest.fixture(scope="module")
+def dry_copy(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("slurm-dry"))
+
+
+def test_slurm_profile_dry_run_shows_the_training_jobs_resources(dry_copy):
+    """Without a cluster: the default (tutorial) config under profiles/slurm asks for 4 GPUs,
+    one task holding them, and the config's memory, time and CPUs; downloads stay local."""
+    out = snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my").stdout
+    train = job_blocks(out)["train"]
+    res = resources(train)
+    assert (res["gpu"], res["nodes"], res["tasks_per_gpu"]) == ("4", "1", "0")
+    assert (res["mem_mb"], res["runtime"], res["cpus_per_task"]) == ("160000", "360", "16")
+    assert "--gpus 4 --nodes 1" in train
+    assert local_rules(dry_copy, "config/config.yaml") == {"fetch_model", "fetch_dataset"}
+
+
+def test_fetches_go_to_the_cluster_when_configured(dry_copy):
+    overlay = dry_copy / "config" / "fetch-on-nodes.yaml"
+    overlay.write_text("cluster: {fetch_on_submit_host: false}\n")
+    assert local_rules(dry_copy, "config/config.yaml", str(overlay)) == set()
+
+
+def submission(res, threads):
+    """The sbatch line the real plugin builds for a job with these resources (a stand-in for
+    Snakemake's job object: only what get_submit_command reads)."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    typed = {k: int(v) if v.isdigit() else v for k, v in res.items() if "<TBD>" not in v}
+    job = SimpleNamespace(resources=SimpleNamespace(get=typed.get, **typed), threads=threads)
+    params = dict(run_uuid="uuid", slurm_logfile="log", comment_str="rule_train", account="", partition=" -p gpu", workdir="/w")
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def test_two_node_training_submission(dry_copy, monkeypatch):
+    """train.nodes: 2 with 4 H100 per node: one sbatch over 2 nodes holding 8 GPUs, and inside
+    the job one torchrun per node (srun) meeting at a rendezvous on the first node."""
+    overlay = dry_copy / "config" / "two-nodes.yaml"
+    overlay.write_text("train: {nodes: 2, gpus: 4, gpu_model: h100}\n")
+    out = snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my", "--configfile", str(overlay)).stdout
+    train = job_blocks(out)["train"]
+    res = resources(train)
+    assert (res["nodes"], res["gpu"], res["gpu_model"]) == ("2", "8", "h100")
+    assert "--gpus 4 --nodes 2" in train  # torchrun processes per node, nodes
+    sbatch = submission(res, threads=16)
+    print("sbatch for 2 nodes:", sbatch)
+    assert "--nodes=2" in sbatch and "--gpus=h100:8" in sbatch and "--cpus-per-task=16" in sbatch
+    assert "--mem 160000" in sbatch and "-t 360" in sbatch and "--ntasks-per-gpu" not in sbatch
+    plan = subprocess.run([sys.executable, "-c", "import json,sys; sys.path.insert(0,'src');"
+                           "from vlmtune.xtuner_config import world_size; print(world_size(json.loads(sys.argv[1])))",
+                           json.dumps({"device": "cuda", "gpus": 4, "nodes": 2})], cwd=dry_copy, capture_output=True, text=True)
+    assert plan.stdout.strip() == "8", plan.stderr  # the rendered plan counts 8 processes
+
+    from vlmtune import train
+
+    # No two-node cluster here: the job's node list is expanded by a stand-in for scontrol.
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
+    monkeypatch.setattr(train.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="gpu01\ngpu02\n"))
+    srun, endpoint = train.slurm_launch(2)
+    cmd = srun + train.command("cfg.py", "work", 4, "zero1", nnodes=2, rdzv_endpoint=endpoint)
+    print("in the job:", " ".join(map(str, cmd)))
+    assert srun == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
+    assert endpoint == "gpu01:29500" and "--nnodes=2" in cmd and "--nproc-per-node=4" in cmd
+    monkeypatch.setattr(train.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="gpu01\n"))
+    with pytest.raises(SystemExit, match="holds 1 node"):
+        train.slurm_launch(2)
+    monkeypatch.delenv("SLURM_JOB_NODELIST")
+    with pytest.raises(SystemExit, match="SLURM_JOB_NODELIST"):
+        train.slurm_launch(2)
+
+
+# -- the demo on a real Slurm ------------------------------------------------------------------
+
+SLURM_GPUS = 2
+GPU_MODEL = "fakegpu"
+
+
+def slurm_overlay(workdir):
+    """A workflow profile over profiles/slurm for the test cluster. Snakemake replaces (does not
+    merge) set-resources given twice, so the profile's own entries are carried over."""
+    profile = yaml.safe_load((workdir / "profiles/slurm/config.yaml").read_text())
+    set_resources = profile.get("set-resources", {})
+    set_resources.setdefault("train", {}).update(gpu=SLURM_GPUS, gpu_model=GPU_MODEL)  # fake GPUs to allocate
+    set_resources.setdefault("merge_lora", {}).update(mem_mb=4000)  # the node has < 32 GB
+    overlay = workdir / "slurm-test-profile"
+    overlay.mkdir()
+    (overlay / "config.yaml").write_text(yaml.safe_dump({
+        "set-resources": set_resources,
+        # no slurmdbd here: squeue answers status queries while MinJobAge keeps jobs listed
+        "slurm-status-command": "squeue",
+        "slurm-init-seconds-before-status-checks": 2,
+        "latency-wait": 5,
+    }))  # fmt: skip
+    return overlay
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def scontrol_job(job_id):
+    out = subprocess.run(["scontrol", "-d", "show", "job", str(job_id)], capture_output=True, text=True)
+    return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_demo_on_slurm_equals_a_local_run(tmp_path):
+    local = copy_workflow(tmp_path / "local")
+    on_slurm = copy_workflow(tmp_path / "slurm")
+    snakemake(local, "-j2", "--configfile", "config/demo.yaml")
+
+    cluster = SingleNodeSlurm(tmp_path / "cluster", gpus=SLURM_GPUS, gpu_model=GPU_MODEL)
+    try:
+        cluster.start()
+        env = dict(__import__("os").environ, SLURM_PARTITION=cluster.partition)
+        overlay = slurm_overlay(on_slurm)
+        proc = snakemake(on_slurm, "--profile", "profiles/slurm", "--workflow-profile", str(overlay),
+                         "--configfile", "config/demo.yaml", env=env, check=False)  # fmt: skip
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-8000:] + cluster.logs()
+        submitted = dict(re.findall(r"rule (\w+)[^\n]*?\n?[^\n]*?SLURM jobid (\d+)", log)) or {}
+        ids = re.findall(r"SLURM jobid (\d+)", log)
+        jobs = {i: scontrol_job(i) for i in ids}
+    finally:
+        cluster.stop()
+    assert not any(running(name) for name in DAEMONS), {name: running(name) for name in DAEMONS}
+
+    # every compute job went through sbatch and completed on the test partition
+    by_rule = {}
+    for job_id, text in jobs.items():
+        rule = re.search(r"Comment=rule_(\w+?)(_wildcards|\s)", text)
+        assert rule and "JobState=COMPLETED" in text and f"Partition={cluster.partition}" in text, text
+        by_rule.setdefault(rule.group(1), []).append(job_id)
+    expected = {"demo_model": 1, "demo_dataset": 1, "convert_dataset": 1, "render_xtuner_config": 1,
+                "train": 1, "merge_lora": 1, "evaluate": 2}  # fmt: skip
+    assert {r: len(v) for r, v in by_rule.items()} == expected, (by_rule, submitted)
+    assert "localrule fetch_model" in log and "localrule fetch_dataset" in log
+    # the training job held the GPUs asked for (gres backed by /dev/null), in one task
+    train_job = jobs[by_rule["train"][0]]
+    assert f"gres/gpu={SLURM_GPUS}" in train_job and f"gpu:{GPU_MODEL}:{SLURM_GPUS}" in train_job, train_job
+    assert "NumTasks=1" in train_job or "NumTasks=N/A" in train_job, train_job
+    assert "gres/gpu" not in jobs[by_rule["evaluate"][0]]
+
+    # outputs equal the local run's
+    conv = "results/converted/CLoT-Oogiri-GO-demo-cn"
+    for name in ["train.json", "eval.jsonl"]:
+        assert digest(local / conv / name) == digest(on_slurm / conv / name), name
+    results = [json.loads((w / "results/train/demo/train_result.json").read_text()) for w in (local, on_slurm)]
+    assert results[0]["iteration"] == results[1]["iteration"] > 0
+    from safetensors.torch import load_file
+
+    merged = [load_file(str(w / "results/merged/InternVL2-tiny-demo/model.safetensors")) for w in (local, on_slurm)]
+    assert merged[0].keys() == merged[1].keys()
+    for name in merged[0]:
+        assert (merged[0][name] == merged[1][name]).all(), f"{name} differs between the local and the Slurm run"
+    for variant in ["base", "finetuned"]:
+        rows = [[json.loads(l) for l in (w / f"results/eval/demo/{variant}/predictions.jsonl").open()] for w in (local, on_slurm)]
+        assert [(r["id"], r["prediction"]) for r in rows[0]] == [(r["id"], r["prediction"]) for r in rows[1]] and rows[0]
