@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 JOBS ?= 2
 
-.PHONY: venv demo test test-fast lint format clean-demo
+.PHONY: venv venvs demo test test-fast lint format clean-demo
 
 venv: $(VENV)/.installed
 
@@ -16,6 +16,28 @@ $(VENV)/.installed: requirements/cpu.txt requirements/xtuner-nodeps.txt pyprojec
 	# XTuner without its declared deps (FIELD-NOTES §2): they are pinned in cpu.txt.
 	$(BIN)/python -m pip install --no-deps -r requirements/xtuner-nodeps.txt
 	$(BIN)/python -m pip install --no-deps -e .
+	touch $@
+
+# One venv per step env family, for running without conda (README, "Environments"): use them
+# with `--configfile ... config/venvs.yaml`. Not needed for the demo or CI (one .venv serves all).
+# The xtuner family defaults to the CUDA stack; on a CPU machine pass
+# XTUNER_REQUIREMENTS=requirements/cpu.txt.
+VENVS ?= .venvs
+XTUNER_REQUIREMENTS ?= requirements/gpu.txt
+venvs: $(VENVS)/data/.installed $(VENVS)/xtuner/.installed $(VENVS)/lmdeploy/.installed
+
+VENV_REQUIREMENTS_data := requirements/data.txt
+VENV_REQUIREMENTS_xtuner := $(XTUNER_REQUIREMENTS)
+VENV_REQUIREMENTS_lmdeploy := requirements/lmdeploy.txt
+
+# Ends with the step's own check (vlmtune.envcheck): the venv holds the family's pins.
+.SECONDEXPANSION:
+$(VENVS)/%/.installed: $$(VENV_REQUIREMENTS_$$*) requirements/cpu.txt requirements/xtuner-nodeps.txt
+	$(PYTHON) -m venv $(VENVS)/$*
+	$(VENVS)/$*/bin/python -m pip install -q -U pip
+	DS_BUILD_OPS=0 $(VENVS)/$*/bin/python -m pip install -r $(VENV_REQUIREMENTS_$*)
+	$(if $(filter xtuner,$*),$(VENVS)/$*/bin/python -m pip install --no-deps -r requirements/xtuner-nodeps.txt)
+	PYTHONPATH=src $(VENVS)/$*/bin/python -m vlmtune.envcheck $*
 	touch $@
 
 demo: venv

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from .atomic import atomic_file
+from .provenance import write_for_evaluation
 from .prompt import IMG_CONTEXT, SYSTEM_PROMPT, image_tokens, training_prompt
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
@@ -178,6 +179,7 @@ def main(argv=None) -> None:
     n = evaluate(a.model, a.eval, a.image_folder, a.engine, a.out, json.loads(a.generation),
                  a.batch_size, a.session_len, a.max_records)  # fmt: skip
     print(f"[vlmtune.evaluate] {n} predictions -> {a.out}")
+    write_for_evaluation(a.model, a.eval, a.image_folder, a.out, a.engine, json.loads(a.generation))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .atomic import atomic_dir, write_json
 from .model_builder import xtuner_root
+from .provenance import write_for_merge
 
 # LLM linears that LoRA (target_modules=None: every linear of the LLM) merges into.
 LORA_TARGET = re.compile(r"^language_model\.(model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))|output)\.weight$")
@@ -161,6 +162,7 @@ def main(argv=None) -> None:
         report = merge(a.config, Path(checkpoint), a.base, a.out, a.report)
     except MergeCheckError as exc:
         raise SystemExit(f"merge check failed: {exc}") from None
+    write_for_merge(a.config, a.train_result, a.base, a.out)  # <out>.provenance.json
     print(f"[vlmtune.merge] {a.out}: {report['changed']} of {report['tensors']} tensors changed by training, "
           f"the rest identical to the base; copied {report['copied_py']}")  # fmt: skip
 

@@ -22,6 +22,13 @@ from string import Template
 
 from .atomic import atomic_file, write_json
 
+# The train keys render() reads. The workflow passes only these to render_xtuner_config, so a
+# change to any other train key (resources, deepspeed) does not re-render the config.
+SETTINGS = ("device", "gpus", "nodes", "cpu_processes", "method", "max_length", "batch_size",
+            "accumulative_counts", "global_batch_size", "dataloader_num_workers", "max_epochs",
+            "lr", "betas", "weight_decay", "max_norm", "warmup_ratio", "lora", "save_steps",
+            "save_total_limit", "log_interval", "seed")  # fmt: skip
+
 TEMPLATE = Template('''\
 # Rendered by vlmtune.xtuner_config from the workflow config; do not edit (edit the YAML).
 # Based on xtuner 0.2.0 configs/internvl/v2/internvl_v2_internlm2_2b_qlora_finetune.py.

@@ -6,13 +6,14 @@ from pathlib import Path
 
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-# Rules run `python -m vlmtune.<step>`; make the package importable in every env (also the
-# per-step conda envs of --sdm conda, which do not install the project).
-shell.prefix(
-    "set -euo pipefail; export PYTHONPATH=%s${{PYTHONPATH:+:$PYTHONPATH}}; " % SRC
-)
+
+import shlex
+
+from snakemake.settings.types import DeploymentMethod
 
 from vlmtune.config import ConfigError, validate
+from vlmtune.provenance import code_digest
+from vlmtune.xtuner_config import SETTINGS as XTUNER_SETTINGS
 
 try:
     validate(config)
@@ -38,12 +39,9 @@ TRAIN_GPUS = TRAIN["gpus"] if TRAIN["device"] == "cuda" else 0
 TRAIN_NODES = TRAIN.get("nodes", 1)
 EVAL = config["evaluate"]
 EVAL_GPUS = EVAL.get("gpus", 1) if EVAL["engine"] == "lmdeploy" else EVAL.get("gpus", 0)
-# Keys of the train section that change the rendered XTuner config (not the job's resources).
-TRAIN_SETTINGS = {
-    k: v
-    for k, v in TRAIN.items()
-    if k not in ("mem_mb", "runtime", "cpus_per_task", "gpu_model")
-}
+# Only the train keys the renderer reads: a change to any other (resources, deepspeed) must not
+# re-render the config and so retrain.
+TRAIN_SETTINGS = {k: TRAIN[k] for k in XTUNER_SETTINGS if k in TRAIN}
 GENERATION = {
     k: EVAL.get(k, d)
     for k, d in [
@@ -64,6 +62,42 @@ def local_source(kind):
 
 def evaluated_model(wildcards):
     return MODEL_DIR if wildcards.variant == "base" else MERGED_MODEL
+
+
+def code_hash(*modules):
+    """Content hash of step modules and the vlmtune modules they import, for `params: code=`.
+
+    Snakemake's own code trigger sees only the rule's shell text, not the Python it calls.
+    """
+    return code_digest(*modules)
+
+
+def step_python(family):
+    """A shell function `python_<family>` that runs a step in its env family (data, xtuner,
+    lmdeploy): `python_xtuner -m vlmtune.train ...`.
+
+    vlmtune.envcheck checks the family's pinned key packages, then runs the step module. With
+    --sdm conda the rule's conda env provides `python`; without it, the interpreter named in
+    config python.<family> (a venv from `make venvs`), by default the one running Snakemake.
+    A shell function, not a param: the interpreter's path is no reason to rerun a step.
+    """
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        interpreter = "python"
+    else:
+        interpreter = (config.get("python") or {}).get(family) or sys.executable
+    command = f'{shlex.quote(interpreter)} -m vlmtune.envcheck {family} "$@"'
+    return f"python_{family}() {{{{ {command}; }}}}; "
+
+
+ENV_FAMILIES = ("data", "xtuner", "lmdeploy")
+EVAL_FAMILY = "lmdeploy" if EVAL["engine"] == "lmdeploy" else "xtuner"
+# Make the package importable in every env (also the per-step conda envs of --sdm conda, which
+# do not install the project) and define python_<family> (python_evaluate: the engine's).
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH=%s${{PYTHONPATH:+:$PYTHONPATH}}; " % SRC
+    + "".join(step_python(family) for family in ENV_FAMILIES)
+    + "python_evaluate() {{ python_%s \"$@\"; }}; " % EVAL_FAMILY
+)
 
 
 # Compute nodes of many clusters have no internet: downloads run where Snakemake runs.

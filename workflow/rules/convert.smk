@@ -9,6 +9,7 @@ rule convert_dataset:
         eval=f"{CONVERTED}/eval.jsonl",
         report=f"{CONVERTED}/convert_report.json",
     params:
+        code=code_hash("convert"),
         language=LANGUAGE,
         default_question=config["conversion"]["default_question"],
         on_bad_record=config["conversion"]["on_bad_record"],
@@ -23,7 +24,7 @@ rule convert_dataset:
         mem_mb=8000,
         runtime=60,
     shell:
-        "python -m vlmtune.convert --dataset {input} --language {params.language}"
+        "python_data -m vlmtune.convert --dataset {input} --language {params.language}"
         " --default-question {params.default_question:q} --on-bad-record {params.on_bad_record}"
         " --eval-images {params.eval_images} --split-seed {params.split_seed} --workers {threads}"
         " --out-train {output.train} --out-eval {output.eval} --report {output.report}"

@@ -5,6 +5,7 @@ rule demo_model:
     output:
         directory("data/demo/InternVL2-tiny"),
     params:
+        code=code_hash("demo", "remote_code"),
         seed=0,
     log:
         "logs/demo_model.log",
@@ -14,13 +15,14 @@ rule demo_model:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m vlmtune.demo model --out {output} --seed {params.seed} > {log} 2>&1"
+        "python_xtuner -m vlmtune.demo model --out {output} --seed {params.seed} > {log} 2>&1"
 
 
 rule demo_dataset:
     output:
         directory("data/demo/CLoT-Oogiri-GO"),
     params:
+        code=code_hash("demo"),
         seed=0,
     log:
         "logs/demo_dataset.log",
@@ -30,4 +32,4 @@ rule demo_dataset:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m vlmtune.demo dataset --out {output} --seed {params.seed} > {log} 2>&1"
+        "python_data -m vlmtune.demo dataset --out {output} --seed {params.seed} > {log} 2>&1"

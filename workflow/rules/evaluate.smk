@@ -7,10 +7,18 @@ rule evaluate:
         eval=f"{CONVERTED}/eval.jsonl",
         images=DATASET_DIR,
     output:
-        PREDICTIONS,
+        predictions=PREDICTIONS,
+        # Written by vlmtune.evaluate (vlmtune.provenance.write_for_evaluation).
+        provenance=report(
+            f"results/eval/{RUN}/{{variant}}/provenance.json",
+            caption="../report/provenance.rst",
+            category="Provenance",
+            labels={"step": "evaluate", "model": "{variant}"},
+        ),
     wildcard_constraints:
         variant="base|finetuned",
     params:
+        code=code_hash("evaluate"),
         engine=EVAL["engine"],
         generation=json.dumps(GENERATION, sort_keys=True),
         batch_size=EVAL.get("batch_size", 8),
@@ -33,7 +41,7 @@ rule evaluate:
         mem_mb=EVAL.get("mem_mb", 32000),
         runtime=EVAL.get("runtime", 60),
     shell:
-        "python -m vlmtune.evaluate --model {input.model} --eval {input.eval}"
+        "python_evaluate -m vlmtune.evaluate --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} --engine {params.engine}"
         " --generation {params.generation:q} --batch-size {params.batch_size}"
-        " --session-len {params.session_len} {params.max_records} --out {output} > {log} 2>&1"
+        " --session-len {params.session_len} {params.max_records} --out {output.predictions} > {log} 2>&1"

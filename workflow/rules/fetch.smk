@@ -7,6 +7,7 @@ rule fetch_model:
     output:
         directory(MODEL_DIR),
     params:
+        code=code_hash("fetch"),
         source=config["model"]["source"],
         repo_id=config["model"].get("repo_id") or "",
         revision=config["model"].get("revision") or "main",
@@ -19,7 +20,7 @@ rule fetch_model:
         mem_mb=4000,
         runtime=180,
     shell:
-        "python -m vlmtune.fetch model --source {params.source} --repo-id {params.repo_id:q}"
+        "python_data -m vlmtune.fetch model --source {params.source} --repo-id {params.repo_id:q}"
         " --revision {params.revision:q} --path {params.path:q} --out {output} > {log} 2>&1"
 
 
@@ -29,6 +30,7 @@ rule fetch_dataset:
     output:
         directory(DATASET_DIR),
     params:
+        code=code_hash("fetch"),
         source=config["dataset"]["source"],
         repo_id=config["dataset"].get("repo_id") or "",
         revision=config["dataset"].get("revision") or "main",
@@ -42,6 +44,6 @@ rule fetch_dataset:
         mem_mb=4000,
         runtime=180,
     shell:
-        "python -m vlmtune.fetch dataset --source {params.source} --repo-id {params.repo_id:q}"
+        "python_data -m vlmtune.fetch dataset --source {params.source} --repo-id {params.repo_id:q}"
         " --revision {params.revision:q} --path {params.path:q} --language {params.language}"
         " --out {output} > {log} 2>&1"

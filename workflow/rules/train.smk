@@ -10,6 +10,7 @@ rule render_xtuner_config:
         config=f"{XTUNER_DIR}/xtuner_config.py",
         plan=f"{XTUNER_DIR}/plan.json",
     params:
+        code=code_hash("xtuner_config"),
         train=json.dumps(TRAIN_SETTINGS, sort_keys=True),
     log:
         "logs/render_xtuner_config.log",
@@ -19,7 +20,7 @@ rule render_xtuner_config:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m vlmtune.xtuner_config --model {input.model} --train-json {input.train}"
+        "python_xtuner -m vlmtune.xtuner_config --model {input.model} --train-json {input.train}"
         " --image-folder {input.images} --train-settings {params.train:q}"
         " --out {output.config} --plan {output.plan} > {log} 2>&1"
 
@@ -35,8 +36,13 @@ rule train:
         # fails, and the next attempt resumes from it.
         result=f"{TRAIN_DIR}/train_result.json",
         summary=f"{TRAIN_DIR}/train_summary.json",
-        curves=f"{TRAIN_DIR}/loss_curve.png",
+        curves=report(
+            f"{TRAIN_DIR}/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Training",
+        ),
     params:
+        code=code_hash("train", "xtuner_main"),
         work_dir=f"{TRAIN_DIR}/work_dir",
         deepspeed=TRAIN["deepspeed"],
         cpu_processes=TRAIN.get("cpu_processes", 1),
@@ -56,7 +62,7 @@ rule train:
         runtime=TRAIN.get("runtime", 360),
         cpus_per_task=TRAIN.get("cpus_per_task", 4),
     shell:
-        "python -m vlmtune.train --config {input.config} --plan {input.plan}"
+        "python_xtuner -m vlmtune.train --config {input.config} --plan {input.plan}"
         " --work-dir {params.work_dir} --result {output.result} --summary {output.summary}"
         " --curves {output.curves} --gpus {params.gpus_per_node} --nodes {resources.nodes}"
         " --cpu-processes {params.cpu_processes} --deepspeed {params.deepspeed} > {log} 2>&1"
