@@ -225,7 +225,8 @@ def accumulation(train: dict) -> int:
 
 
 def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tuple[str, dict]:
-    samples = len(json.loads(Path(train_json).read_text(encoding="utf-8")))
+    text = Path(train_json).read_text(encoding="utf-8")  # .json (a list) or .jsonl (XTuner reads both)
+    samples = sum(1 for line in text.splitlines() if line.strip()) if str(train_json).endswith(".jsonl") else len(json.loads(text))
     if samples == 0:
         raise ValueError(f"{train_json} holds no training samples")
     cuda = train["device"] == "cuda"

@@ -28,6 +28,12 @@ LANGUAGE = config["conversion"]["language"]
 MODEL_DIR = f"data/models/{MODEL_NAME}"
 DATASET_DIR = f"data/datasets/{DATASET_NAME}"
 CONVERTED = f"results/converted/{DATASET_NAME}-{LANGUAGE}"
+TRAIN_FORMAT = config["conversion"].get("output_format", "json")
+# Conversion writes CONVERTED_TRAIN; validation (images decode, lengths fit) writes TRAIN_DATA,
+# the file training reads.
+CONVERTED_TRAIN = f"{CONVERTED}/converted_train.{TRAIN_FORMAT}"
+TRAIN_DATA = f"{CONVERTED}/train.{TRAIN_FORMAT}"
+VALIDATION = config.get("validation", {})
 XTUNER_DIR = f"results/xtuner/{RUN}"
 TRAIN_DIR = f"results/train/{RUN}"
 MERGED_MODEL = f"results/merged/{MODEL_NAME}-{RUN}"

@@ -1,4 +1,5 @@
 # Model and dataset downloads (Hugging Face, ModelScope or a local folder), with manifests.
+import shlex
 
 
 rule fetch_model:
@@ -11,7 +12,7 @@ rule fetch_model:
         source=config["model"]["source"],
         repo_id=config["model"].get("repo_id") or "",
         revision=config["model"].get("revision") or "main",
-        path=config["model"].get("path") or "",
+        path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
     log:
         "logs/fetch_model.log",
     conda:
@@ -21,7 +22,7 @@ rule fetch_model:
         runtime=180,
     shell:
         "python_data -m vlmtune.fetch model --source {params.source} --repo-id {params.repo_id:q}"
-        " --revision {params.revision:q} --path {params.path:q} --out {output} > {log} 2>&1"
+        " --revision {params.revision:q} {params.path} --out {output} > {log} 2>&1"
 
 
 rule fetch_dataset:
@@ -34,7 +35,7 @@ rule fetch_dataset:
         source=config["dataset"]["source"],
         repo_id=config["dataset"].get("repo_id") or "",
         revision=config["dataset"].get("revision") or "main",
-        path=config["dataset"].get("path") or "",
+        path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
         language=LANGUAGE,
     log:
         "logs/fetch_dataset.log",
@@ -45,5 +46,5 @@ rule fetch_dataset:
         runtime=180,
     shell:
         "python_data -m vlmtune.fetch dataset --source {params.source} --repo-id {params.repo_id:q}"
-        " --revision {params.revision:q} --path {params.path:q} --language {params.language}"
+        " --revision {params.revision:q} {params.path} --language {params.language}"
         " --out {output} > {log} 2>&1"

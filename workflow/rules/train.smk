@@ -4,7 +4,7 @@
 rule render_xtuner_config:
     input:
         model=MODEL_DIR,
-        train=f"{CONVERTED}/train.json",
+        train=TRAIN_DATA,
         images=DATASET_DIR,
     output:
         config=f"{XTUNER_DIR}/xtuner_config.py",
@@ -30,7 +30,7 @@ rule train:
         config=f"{XTUNER_DIR}/xtuner_config.py",
         plan=f"{XTUNER_DIR}/plan.json",
         model=MODEL_DIR,
-        train=f"{CONVERTED}/train.json",
+        train=TRAIN_DATA,
     output:
         # The work dir (checkpoints) is not an output: Snakemake would delete it when a job
         # fails, and the next attempt resumes from it.

@@ -1,0 +1,93 @@
+"""Validation before training, checked against XTuner 0.2.0's own InternVL dataset on the tiny
+demo model (max_dynamic_patch 4 + thumbnail, 448-px tiles: 256 tokens per tile)."""
+
+import json
+import shutil
+
+import pytest
+
+from vlmtune.convert import convert, write_samples
+from vlmtune.validate import ValidationError, main, model_tiling, tile_count, validate
+
+
+@pytest.fixture(scope="module")
+def train_samples(demo_dataset):
+    return convert(demo_dataset, eval_images=0)[0]
+
+
+def test_tiling_is_read_from_the_model_config(tiny_model):
+    tiling = model_tiling(tiny_model)
+    assert (tiling["min_num"], tiling["max_num"], tiling["use_thumbnail"]) == (1, 4, True)
+    assert tiling["tokens_per_tile"] == 256  # (448 / 14)^2 * 0.5^2
+
+
+@pytest.mark.parametrize("size", [(450, 404), (1200, 300), (300, 900), (200, 260), (897, 1152), (2000, 100)])
+def test_tile_count_equals_xtuners_on_real_pixels(tiny_model, size):
+    from PIL import Image
+    from xtuner.dataset.internvl_dataset import dynamic_preprocess
+
+    tiling = model_tiling(tiny_model)
+    real = dynamic_preprocess(Image.new("RGB", size), tiling["min_num"], tiling["max_num"], tiling["image_size"],
+                              tiling["use_thumbnail"])  # fmt: skip
+    assert tile_count(*size, tiling) == len(real)
+
+
+def test_token_lengths_equal_xtuners_input_ids(demo_dataset, tiny_model, train_samples, tmp_path):
+    """The lengths validation reports are the lengths of the input_ids XTuner's InternVL
+    dataset builds for the same samples (untruncated)."""
+    from xtuner.dataset.internvl_dataset import InternVL_V1_5_Dataset
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    write_samples(tmp_path / "train.json", train_samples, "json")
+    dataset = InternVL_V1_5_Dataset(str(tiny_model), PROMPT_TEMPLATE.internlm2_chat, [str(tmp_path / "train.json")],
+                                    [str(demo_dataset)], max_length=100000)  # fmt: skip
+    _, report, lengths = validate(train_samples, demo_dataset, tiny_model, max_length=100000)
+    expected = [len(dataset.prepare_data(i)["input_ids"]) for i in range(len(train_samples))]
+    assert lengths == expected
+    assert report["token_length"]["max"] == max(expected) and sum(report["token_length"]["histogram"]["counts"]) == 36
+
+
+@pytest.mark.parametrize("policy", ["drop", "keep", "error"])
+def test_samples_over_max_length(demo_dataset, tiny_model, train_samples, policy):
+    _, _, lengths = validate(train_samples, demo_dataset, tiny_model, max_length=100000)
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the samples are longer
+    over = [s["id"] for s, n in zip(train_samples, lengths) if n > limit]
+    assert over
+    if policy == "error":
+        with pytest.raises(ValidationError, match=f"sample id {over[0]} .* over max_length {limit}"):
+            validate(train_samples, demo_dataset, tiny_model, max_length=limit, on_too_long="error")
+        return
+    kept, report, _ = validate(train_samples, demo_dataset, tiny_model, max_length=limit, on_too_long=policy)
+    assert [t["id"] for t in report["too_long_samples"]] == over and report["too_long"] == len(over)
+    assert all(t["tokens"] > limit for t in report["too_long_samples"])
+    if policy == "drop":
+        assert [s["id"] for s in kept] == [s["id"] for s in train_samples if s["id"] not in over]
+    else:
+        assert kept == train_samples
+
+
+def test_image_that_does_not_decode(demo_dataset, tiny_model, train_samples, tmp_path):
+    """A JPEG whose header is intact (so conversion accepts it) but whose data is cut."""
+    images = tmp_path / "ds"
+    shutil.copytree(demo_dataset, images)
+    jpg = images / "images" / "demo003.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:700])
+    users = [s["id"] for s in train_samples if s["image"] == "images/demo003.jpg"]
+    kept, report, _ = validate(train_samples, images, tiny_model, max_length=4096)
+    assert report["bad_images"]["images/demo003.jpg"]["sample_ids"] == users
+    assert report["dropped_bad_image"] == len(users) and len(kept) == 36 - len(users)
+    assert report["samples_out"] + report["dropped_bad_image"] + report["dropped_too_long"] == 36
+    with pytest.raises(ValidationError, match="demo003.jpg: does not decode"):
+        validate(train_samples, images, tiny_model, max_length=4096, on_bad_image="error")
+
+
+def test_cli_writes_the_training_file_report_and_histogram(demo_dataset, tiny_model, train_samples, tmp_path):
+    write_samples(tmp_path / "in.jsonl", train_samples, "jsonl")
+    main(["--train", str(tmp_path / "in.jsonl"), "--images", str(demo_dataset), "--model", str(tiny_model),
+          "--max-length", "2048", "--out-train", str(tmp_path / "train.jsonl"), "--report", str(tmp_path / "r.json"),
+          "--histogram", str(tmp_path / "h.png")])  # fmt: skip
+    out = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert out == train_samples
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["samples_out"] == 36 and report["too_long"] == 0 and report["images_checked"] == 12
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
