@@ -1,13 +1,17 @@
-"""Batch generation over the held-out evaluation records, with the training prompt.
+"""Batch generation over the held-out evaluation records, with the training prompt, and the
+teacher-forced loss of every reference answer (reference NLL, for perplexity and preferences).
 
 Engines: ``transformers`` (CPU or GPU; the model's remote code, batched, left-padded) and
 ``lmdeploy`` (GPUs; its batch pipeline). Both write the same ``predictions.jsonl`` fields:
-id, image, question, prompt (as sent, image tokens abbreviated), references, prediction,
-token counts, engine and version, generation config, model folder.
+id, image, type, question, prompt (as sent, image tokens abbreviated), references, prediction,
+token counts, finish reason, engine and version, generation config, model folder.
 
-    python -m vlmtune.evaluate --model results/merged/InternVL2-2B-my \
+    python -m vlmtune.evaluate generate --model results/merged/InternVL2-2B-my \
         --eval results/converted/x/eval.jsonl --image-folder data/datasets/x \
-        --engine transformers --out results/eval/my/finetuned/predictions.jsonl
+        --engine transformers --generation '{"max_new_tokens": 64, ...}' \
+        --out results/eval/my/finetuned/predictions.jsonl
+    python -m vlmtune.evaluate nll --model ... --eval ... --image-folder ... \
+        --out results/eval/my/finetuned/reference_nll.jsonl
 """
 
 from __future__ import annotations
@@ -16,52 +20,82 @@ import argparse
 import importlib.metadata
 import json
 import re
+import sys
 from pathlib import Path
 
 from .atomic import atomic_file
 from .provenance import write_for_evaluation
-from .prompt import IMG_CONTEXT, SYSTEM_PROMPT, image_tokens, training_prompt
+from .prompt import IMG_CONTEXT, STOP_WORDS, image_tokens, lmdeploy_chat_template, training_prompt, user_text
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 
 
-def _require(module: str, engine: str):
+class EvaluateError(Exception):
+    pass
+
+
+def require(module: str, engine: str):
+    """Import ``module`` or stop with the env that has it."""
     try:
         return __import__(module)
     except ImportError:
-        raise SystemExit(f"evaluate: engine {engine!r} needs the Python package {module!r}, which is not "
-                         f"installed here; run with --sdm conda (env {ENGINE_ENVS[engine]}) or "
-                         f"choose evaluate.engine: {'transformers' if engine == 'lmdeploy' else 'lmdeploy'}") from None  # fmt: skip
+        other = "transformers" if engine == "lmdeploy" else "lmdeploy"
+        raise EvaluateError(f"evaluate: engine {engine!r} needs the Python package {module!r}, which is not "
+                            f"installed in this environment ({sys.executable}); run the workflow with "
+                            f"--sdm conda (env {ENGINE_ENVS[engine]}) or set evaluate.engine: {other}") from None  # fmt: skip
 
 
 def abbreviate(prompt: str) -> str:
+    """``<IMG_CONTEXT>`` x N written as ``<IMG_CONTEXT>*N``: the prompt stays readable in the log."""
     return re.sub(f"({re.escape(IMG_CONTEXT)})+", lambda m: f"{IMG_CONTEXT}*{len(m.group(0)) // len(IMG_CONTEXT)}", prompt)
 
 
-def read_eval(path: Path, limit: int | None) -> list[dict]:
+def read_eval(path: Path, limit: int | None = None) -> list[dict]:
+    records = []
     with open(path, encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvaluateError(f"{path}:{n}: not JSON ({exc})") from None
+            missing = [k for k in ("id", "image", "question", "references") if k not in rec]
+            if missing:
+                raise EvaluateError(f"{path}:{n}: record lacks {', '.join(missing)}")
+            records.append(rec)
     return records[:limit] if limit else records
 
 
+def check_generation(gen: dict) -> dict:
+    missing = [k for k in GENERATION_KEYS if k not in gen]
+    if missing:
+        raise EvaluateError(f"evaluate: --generation lacks {', '.join(missing)}")
+    return {k: gen[k] for k in GENERATION_KEYS}
+
+
 class TransformersEngine:
+    """The model's own remote code through transformers; pixels and prompt as XTuner builds them."""
+
     name = "transformers"
 
-    def __init__(self, model_dir: Path, gen: dict):
-        torch = _require("torch", self.name)
-        _require("transformers", self.name)
+    def __init__(self, model_dir: Path, gen: dict | None = None, device: str | None = None):
+        torch = require("torch", self.name)
+        require("transformers", self.name)
         import torchvision.transforms as T
         from torchvision.transforms.functional import InterpolationMode
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, torch_dtype=dtype).eval().to(self.device)
+        self.model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, torch_dtype=self.dtype)
+        self.model = self.model.eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.tokenizer.padding_side = "left"
-        self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         size = self.cfg.force_image_size
         self.tokens_per_tile = int((size // self.cfg.vision_config.patch_size) ** 2 * self.cfg.downsample_ratio**2)
         # The transform of XTuner's InternVL dataset: the same pixels as in training.
@@ -71,32 +105,39 @@ class TransformersEngine:
             T.ToTensor(),
             T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
         ])  # fmt: skip
-        self.dtype = dtype
         self.gen = gen
+        self.stop_ids = [self.tokenizer.eos_token_id] + self.tokenizer.convert_tokens_to_ids(STOP_WORDS)
         self.version = importlib.metadata.version("transformers")
 
     def tiles(self, path: Path):
         from PIL import Image
         from xtuner.dataset.internvl_dataset import dynamic_preprocess
 
+        if not path.is_file():
+            raise EvaluateError(f"evaluate: image {path} does not exist")
         with Image.open(path) as img:
             img = img.convert("RGB")
             tiles = dynamic_preprocess(img, self.cfg.min_dynamic_patch, self.cfg.max_dynamic_patch,
                                        self.cfg.force_image_size, self.cfg.use_thumbnail)  # fmt: skip
         return self.torch.stack([self.transform(t) for t in tiles])
 
-    def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
-        torch = self.torch
+    def prepare(self, batch: list[dict], image_folder: Path):
+        """Pixels, prompt texts and the (left-padded) prompt token ids of a batch."""
         pixels, prompts = [], []
         for rec in batch:
-            px = self.tiles(image_folder / rec["image"])
+            px = self.tiles(Path(image_folder) / rec["image"])
             pixels.append(px)
             prompts.append(training_prompt(rec["question"], image_tokens(len(px), self.tokens_per_tile)))
+        # add_special_tokens: the <s> XTuner's dataset puts in front (tokenizer.encode default).
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-        eos = [self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        return pixels, prompts, enc
+
+    def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
+        torch = self.torch
+        pixels, prompts, enc = self.prepare(batch, image_folder)
         torch.manual_seed(self.gen["seed"])
         kwargs = dict(max_new_tokens=self.gen["max_new_tokens"], do_sample=self.gen["do_sample"],
-                      eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
         if self.gen["do_sample"]:
             kwargs.update(temperature=self.gen["temperature"], top_p=self.gen["top_p"])
         with torch.inference_mode():
@@ -106,56 +147,98 @@ class TransformersEngine:
                 attention_mask=enc.attention_mask.to(self.device),
                 **kwargs,
             )
+        # The remote code's generate (inputs_embeds) returns only the new tokens.
         results = []
-        for i, rec in enumerate(batch):
-            ids = [t for t in out[i].tolist() if t not in eos and t != self.tokenizer.pad_token_id]
-            results.append(dict(prompt=abbreviate(prompts[i]), prediction=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                prompt_tokens=int(enc.attention_mask[i].sum()), completion_tokens=len(ids)))  # fmt: skip
+        for i in range(len(batch)):
+            ids = out[i].tolist()
+            stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+            ids = [t for t in ids[:stop] if t != self.tokenizer.pad_token_id]
+            results.append(dict(prompt=abbreviate(prompts[i]),
+                                prediction=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                                prompt_tokens=int(enc.attention_mask[i].sum()), completion_tokens=len(ids),
+                                finish_reason="stop" if stop is not None else "length"))  # fmt: skip
         return results
+
+    def reference_nll(self, rec: dict, image_folder: Path) -> list[dict]:
+        """Teacher-forced loss of each reference given prompt + image, labelled as in training
+        (the response and its ``<|im_end|>``; the prompt masked)."""
+        torch = self.torch
+        pixels, prompts, enc = self.prepare([rec], image_folder)
+        prompt_ids = enc.input_ids[0].tolist()
+        px = pixels[0].to(self.device, self.dtype)
+        out = []
+        for ref in rec["references"]:
+            target = self.tokenizer.encode(ref["text"].strip() + STOP_WORDS[0], add_special_tokens=False)
+            ids = torch.tensor([prompt_ids + target], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(pixel_values=px, input_ids=ids,
+                                    image_flags=torch.ones(len(px), 1, dtype=torch.long, device=self.device)).logits  # fmt: skip
+            # Position t predicts token t+1: the target's logits start one before it.
+            pred = logits[0, len(prompt_ids) - 1 : -1].float()
+            nll = torch.nn.functional.cross_entropy(pred, ids[0, len(prompt_ids) :], reduction="sum").item()
+            out.append(dict(text=ref["text"], star=ref.get("star"), nll=nll, tokens=len(target)))
+        return out
+
+
+def lmdeploy_messages(question: str, image) -> list[dict]:
+    """One request in LMDeploy's GPT-4V message format: the question text and the image (PIL).
+    LMDeploy's InternVL code puts ``<img>{image}</img>\\n`` before the text, as XTuner does."""
+    return [dict(role="user", content=[dict(type="text", text=user_text(question)),
+                                       dict(type="image_data", image_data=dict(data=image))])]  # fmt: skip
 
 
 class LMDeployEngine:
     name = "lmdeploy"
 
     def __init__(self, model_dir: Path, gen: dict, session_len: int, batch_size: int):
-        _require("lmdeploy", self.name)
-        from lmdeploy import ChatTemplateConfig, GenerationConfig, TurbomindEngineConfig, pipeline
+        require("lmdeploy", self.name)
+        from lmdeploy import GenerationConfig, TurbomindEngineConfig, pipeline
 
-        # Name the template and the system prompt explicitly: neither the folder name nor the
-        # LMDeploy version may change the prompt (FIELD-NOTES §5).
+        self.template = lmdeploy_chat_template()
         self.pipe = pipeline(
             str(model_dir),
             backend_config=TurbomindEngineConfig(session_len=session_len, max_batch_size=batch_size),
-            chat_template_config=ChatTemplateConfig(model_name="internvl2-internlm2", meta_instruction=SYSTEM_PROMPT),
+            chat_template_config=self.template,
         )
         self.gen_config = GenerationConfig(max_new_tokens=gen["max_new_tokens"], do_sample=gen["do_sample"],
-                                           top_p=gen["top_p"], temperature=gen["temperature"], random_seed=gen["seed"])  # fmt: skip
+                                           top_p=gen["top_p"], temperature=gen["temperature"],
+                                           random_seed=gen["seed"])  # fmt: skip
         self.version = importlib.metadata.version("lmdeploy")
 
     def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
         from lmdeploy.vl import load_image
+        from lmdeploy.vl.model.internvl import InternVLVisionModel
 
-        inputs = [(rec["question"], load_image(str(image_folder / rec["image"]))) for rec in batch]
-        responses = self.pipe(inputs, gen_config=self.gen_config)
-        return [dict(prompt=rec["question"], prediction=r.text.strip(), prompt_tokens=r.input_token_len,
-                     completion_tokens=r.generate_token_len) for rec, r in zip(batch, responses)]  # fmt: skip
+        requests = [lmdeploy_messages(rec["question"], load_image(str(Path(image_folder) / rec["image"]))) for rec in batch]
+        responses = self.pipe(requests, gen_config=self.gen_config)
+        results = []
+        for req, r in zip(requests, responses):
+            # The text LMDeploy renders (its own code); the image placeholder left abbreviated.
+            prompt, placeholder = InternVLVisionModel.proc_messages(req, self.pipe.chat_template, True)
+            results.append(dict(prompt=prompt.replace(placeholder, f"{IMG_CONTEXT}*?"), prediction=r.text.strip(),
+                                prompt_tokens=r.input_token_len, completion_tokens=r.generate_token_len,
+                                finish_reason=r.finish_reason))  # fmt: skip
+        return results
 
 
-def evaluate(model: Path, eval_path: Path, image_folder: Path, engine: str, out: Path, gen: dict,
+def generate(model: Path, eval_path: Path, image_folder: Path, engine: str, out: Path, gen: dict,
              batch_size: int = 8, session_len: int = 8192, max_records: int | None = None) -> int:  # fmt: skip
     from tqdm import tqdm
 
+    gen = check_generation(gen)
     records = read_eval(eval_path, max_records)
     if engine == "transformers":
         runner = TransformersEngine(model, gen)
     elif engine == "lmdeploy":
         runner = LMDeployEngine(model, gen, session_len, batch_size)
     else:
-        raise SystemExit(f"evaluate: unknown engine {engine!r}; choose lmdeploy or transformers")
-    with atomic_file(out) as fh, tqdm(total=len(records), desc=f"generate ({engine})", unit="prompt") as bar:
+        raise EvaluateError(f"evaluate: unknown engine {engine!r}; choose lmdeploy or transformers")
+    # tqdm writes to stderr, which the rule sends to the log.
+    with atomic_file(out) as fh, tqdm(total=len(records), desc=f"generate ({engine})", unit="prompt",
+                                      mininterval=5, file=sys.stderr) as bar:  # fmt: skip
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            for rec, res in zip(batch, runner.generate(batch, Path(image_folder))):
+            for rec, res in zip(batch, runner.generate(batch, Path(image_folder)), strict=True):
                 row = dict(id=rec["id"], image=rec["image"], type=rec.get("type"), question=rec["question"],
                            references=rec["references"], **res, engine=engine, engine_version=runner.version,
                            generation=gen, model=str(model))  # fmt: skip
@@ -164,22 +247,46 @@ def evaluate(model: Path, eval_path: Path, image_folder: Path, engine: str, out:
     return len(records)
 
 
+def reference_nll(model: Path, eval_path: Path, image_folder: Path, out: Path, max_records: int | None = None) -> int:
+    from tqdm import tqdm
+
+    records = read_eval(eval_path, max_records)
+    runner = TransformersEngine(model)
+    with atomic_file(out) as fh:
+        for rec in tqdm(records, desc="reference NLL", unit="record", mininterval=5, file=sys.stderr):
+            row = dict(id=rec["id"], type=rec.get("type"), references=runner.reference_nll(rec, image_folder),
+                       engine="transformers", engine_version=runner.version, model=str(model))  # fmt: skip
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(records)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, type=Path)
-    ap.add_argument("--eval", required=True, type=Path)
-    ap.add_argument("--image-folder", required=True, type=Path)
-    ap.add_argument("--engine", required=True, choices=["transformers", "lmdeploy"])
-    ap.add_argument("--generation", required=True, help="JSON: max_new_tokens, do_sample, temperature, top_p, seed")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--session-len", type=int, default=8192)
-    ap.add_argument("--max-records", type=int)
-    ap.add_argument("--out", required=True, type=Path)
+    sub = ap.add_subparsers(dest="task", required=True)
+    for task in ("generate", "nll"):
+        p = sub.add_parser(task)
+        p.add_argument("--model", required=True, type=Path)
+        p.add_argument("--eval", required=True, type=Path)
+        p.add_argument("--image-folder", required=True, type=Path)
+        p.add_argument("--max-records", type=int)
+        p.add_argument("--out", required=True, type=Path)
+        if task == "generate":
+            p.add_argument("--engine", required=True, choices=["transformers", "lmdeploy"])
+            p.add_argument("--generation", required=True, help="JSON: " + ", ".join(GENERATION_KEYS))
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--session-len", type=int, default=8192)
     a = ap.parse_args(argv)
-    n = evaluate(a.model, a.eval, a.image_folder, a.engine, a.out, json.loads(a.generation),
-                 a.batch_size, a.session_len, a.max_records)  # fmt: skip
-    print(f"[vlmtune.evaluate] {n} predictions -> {a.out}")
-    write_for_evaluation(a.model, a.eval, a.image_folder, a.out, a.engine, json.loads(a.generation))
+    try:
+        if a.task == "generate":
+            n = generate(a.model, a.eval, a.image_folder, a.engine, a.out, json.loads(a.generation),
+                         a.batch_size, a.session_len, a.max_records)  # fmt: skip
+        else:
+            n = reference_nll(a.model, a.eval, a.image_folder, a.out, a.max_records)
+    except EvaluateError as exc:
+        raise SystemExit(str(exc)) from None
+    print(f"[vlmtune.evaluate] {a.task}: {n} records -> {a.out}")
+    if a.task == "generate":
+        write_for_evaluation(a.model, a.eval, a.image_folder, a.out, a.engine, json.loads(a.generation))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,12 @@ rule evaluate:
         eval=f"{CONVERTED}/eval.jsonl",
         images=DATASET_DIR,
     output:
-        predictions=PREDICTIONS,
+        predictions=report(
+            PREDICTIONS,
+            caption="../report/evaluation.rst",
+            category="Evaluation",
+            labels={"model": "{variant}", "file": "predictions"},
+        ),
         # Written by vlmtune.evaluate (vlmtune.provenance.write_for_evaluation).
         provenance=report(
             f"results/eval/{RUN}/{{variant}}/provenance.json",
@@ -41,7 +46,7 @@ rule evaluate:
         mem_mb=EVAL.get("mem_mb", 32000),
         runtime=EVAL.get("runtime", 60),
     shell:
-        "python_evaluate -m vlmtune.evaluate --model {input.model} --eval {input.eval}"
+        "python_evaluate -m vlmtune.evaluate generate --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} --engine {params.engine}"
         " --generation {params.generation:q} --batch-size {params.batch_size}"
         " --session-len {params.session_len} {params.max_records} --out {output.predictions} > {log} 2>&1"
