@@ -191,3 +191,18 @@ def test_header_size_matches_pil(tmp_path, fmt, kwargs):
         assert image_size(path) == img.size == (317, 129)
     path.write_bytes(path.read_bytes()[:40])  # a truncated header
     assert image_size(path) == "corrupt_image"
+
+
+def test_held_out_references_keep_every_response_with_its_star(demo_dataset):
+    from vlmtune.demo import demo_records
+
+    _, evals, report = convert(demo_dataset, eval_images=4, split_seed=3)
+    records = demo_records(0)
+    for group in evals:
+        image = group["image"][len("images/"):-len(".jpg")]
+        question = group["question"]
+        expected = [(r["text"], r["star"]) for r in records
+                    if r["image"] == image and (r["question"] or DEFAULT_QUESTION) == question and r["text"]]  # fmt: skip
+        assert [(ref["text"], ref["star"]) for ref in group["references"]] == expected
+    assert any(ref["star"] is None for g in evals for ref in g["references"])  # null stars stay null
+    assert len(report["eval_images"]) == 4

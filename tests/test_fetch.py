@@ -26,7 +26,11 @@ def test_dataset_zip_is_extracted(demo_dataset, tmp_path):
             zf.write(jpg, f"images/{jpg.name}")
     out = fetch("dataset", "local", tmp_path / "out", path=str(src), language="cn")
     assert (out / "images" / "demo011.jpg").read_bytes() == (demo_dataset / "images" / "demo011.jpg").read_bytes()
-    assert json.loads((out / "manifest.json").read_text())["extracted_from_zip"] == 13
+    first = json.loads((out / "manifest.json").read_text())
+    assert first["extracted_from_zip"] == 13
+    again = fetch("dataset", "local", tmp_path / "out", path=str(src), language="cn")  # idempotent
+    assert json.loads((again / "manifest.json").read_text()) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folders left
 
 
 def test_missing_language_file_is_named(demo_dataset, tmp_path):
@@ -216,3 +220,13 @@ def test_no_network_fails_at_once(hub, tmp_path, monkeypatch):
         fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main",
               policy=RetryPolicy(attempts=5, base_delay=30), cache_dir=str(hub.cache))  # fmt: skip
     assert "cannot connect" in str(err.value) and "HF_ENDPOINT" in str(err.value)
+
+
+def test_download_progress_reaches_the_log(hub, capsys):
+    from vlmtune.fetch import from_huggingface
+
+    hub.fault(path_suffix="model.safetensors", kind="drop", after_bytes=CHUNK + 1)  # slow it: one retry
+    from_huggingface("model", MODEL_ID, "main", None, FAST, str(hub.cache), progress_interval=0.01)
+    log = capsys.readouterr().out
+    assert "[3/4] model.safetensors (25.2 MB)" in log
+    assert "model.safetensors: resuming from 10.5/25.2 MB" in log  # the retry continues the partial file
