@@ -91,3 +91,14 @@ def test_cli_writes_the_training_file_report_and_histogram(demo_dataset, tiny_mo
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["samples_out"] == 36 and report["too_long"] == 0 and report["images_checked"] == 12
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jsonl_training_file_renders_with_its_sample_count(configs, train_samples, tmp_path):
+    """conversion.output_format: jsonl reaches training: the renderer counts samples per line."""
+    from vlmtune.xtuner_config import render
+
+    write_samples(tmp_path / "train.jsonl", train_samples, "jsonl")
+    write_samples(tmp_path / "train.json", train_samples, "json")
+    plans = [render(tmp_path / "m", tmp_path / f"train.{fmt}", tmp_path / "ds", configs[1]["train"])[1]
+             for fmt in ("json", "jsonl")]  # fmt: skip
+    assert plans[0] == plans[1] and plans[0]["samples"] == 36
