@@ -23,4 +23,6 @@ rule all:
     input:
         MERGED_MODEL,
         expand(PREDICTIONS, variant=config["evaluate"]["models"]),
+        EVAL_REPORT_HTML,
+        EVAL_SUMMARY_PNG,
     default_target: True

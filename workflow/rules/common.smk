@@ -38,6 +38,10 @@ XTUNER_DIR = f"results/xtuner/{RUN}"
 TRAIN_DIR = f"results/train/{RUN}"
 MERGED_MODEL = f"results/merged/{MODEL_NAME}-{RUN}"
 PREDICTIONS = f"results/eval/{RUN}/{{variant}}/predictions.jsonl"
+REFERENCE_NLL = f"results/eval/{RUN}/{{variant}}/reference_nll.jsonl"
+METRICS = f"results/eval/{RUN}/{{variant}}/metrics.json"
+EVAL_REPORT_HTML = f"results/eval/{RUN}/report.html"
+EVAL_SUMMARY_PNG = f"results/eval/{RUN}/summary.png"
 
 TRAIN = config["train"]
 # GPUs a training job holds: torchrun starts one process per GPU.

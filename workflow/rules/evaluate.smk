@@ -1,4 +1,5 @@
-# Batch generation over the held-out records, for the base and the fine-tuned model.
+# Batch generation over the held-out records, for the base and the fine-tuned model; the
+# teacher-forced loss of every reference; metrics per model; the base vs fine-tuned report.
 
 
 rule evaluate:
@@ -50,3 +51,101 @@ rule evaluate:
         " --image-folder {input.images} --engine {params.engine}"
         " --generation {params.generation:q} --batch-size {params.batch_size}"
         " --session-len {params.session_len} {params.max_records} --out {output.predictions} > {log} 2>&1"
+
+
+rule reference_nll:
+    input:
+        model=evaluated_model,
+        eval=f"{CONVERTED}/eval.jsonl",
+        images=DATASET_DIR,
+    output:
+        REFERENCE_NLL,
+    wildcard_constraints:
+        variant="base|finetuned",
+    params:
+        code=code_hash("evaluate"),
+        max_records=(
+            f"--max-records {EVAL['max_records']}" if EVAL.get("max_records") else ""
+        ),
+    log:
+        "logs/reference_nll_{variant}.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        gpu=EVAL_GPUS,
+        gpu_model=EVAL.get("gpu_model") or "",
+        cpus_per_task=EVAL.get("cpus_per_task", 4),
+        mem_mb=EVAL.get("mem_mb", 32000),
+        runtime=EVAL.get("runtime", 60),
+    shell:
+        "python_xtuner -m vlmtune.evaluate nll --model {input.model} --eval {input.eval}"
+        " --image-folder {input.images} {params.max_records} --out {output} > {log} 2>&1"
+
+
+rule score:
+    input:
+        predictions=PREDICTIONS,
+        nll=REFERENCE_NLL,
+        train=TRAIN_DATA,
+    output:
+        report(
+            METRICS,
+            caption="../report/metrics.rst",
+            category="Evaluation",
+            labels={"model": "{variant}", "file": "metrics"},
+        ),
+    wildcard_constraints:
+        variant="base|finetuned",
+    params:
+        code=code_hash("metrics"),
+        resamples=EVAL.get("bootstrap_resamples", 1000),
+        seed=EVAL.get("seed", 0),
+    log:
+        "logs/score_{variant}.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python_xtuner -m vlmtune.metrics --predictions {input.predictions} --nll {input.nll}"
+        " --train {input.train} --bootstrap {params.resamples} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"
+
+
+rule report:
+    input:
+        predictions=expand(PREDICTIONS, variant=EVAL["models"]),
+        metrics=expand(METRICS, variant=EVAL["models"]),
+        images=DATASET_DIR,
+    output:
+        html=report(
+            EVAL_REPORT_HTML,
+            caption="../report/eval_report.rst",
+            category="Evaluation",
+            labels={"model": "all", "file": "report.html"},
+        ),
+        png=report(
+            EVAL_SUMMARY_PNG,
+            caption="../report/eval_report.rst",
+            category="Evaluation",
+            labels={"model": "all", "file": "summary.png"},
+        ),
+    params:
+        code=code_hash("report"),
+        run=RUN,
+        variants=" ".join(
+            f"--variant {v} results/eval/{RUN}/{v}" for v in EVAL["models"]
+        ),
+        cards=EVAL.get("report_cards", 60),
+    log:
+        "logs/report.log",
+    conda:
+        "../../envs/xtuner.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    shell:
+        "python_xtuner -m vlmtune.report --run {params.run} {params.variants}"
+        " --image-folder {input.images} --max-cards {params.cards}"
+        " --html {output.html} --png {output.png} > {log} 2>&1"
