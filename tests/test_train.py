@@ -94,3 +94,35 @@ def test_killed_training_resumes_from_its_checkpoint(training_setup):
         assert row["lr"] == pytest.approx(reference[row["step"]], rel=1e-6)
     summary = json.loads((root / "killed.summary.json").read_text())
     assert summary["last_iteration"] == 18 and (root / "killed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(training_setup, tiny_model, demo_dataset, configs):
+    """Two CPU processes (gloo, torchrun) and one process with the same global_batch_size take
+    the same optimizer steps over the same samples. XTuner counts micro-batch iterations, so
+    the single process, accumulating twice as many micro-batches, logs twice the iterations."""
+    root, _ = training_setup
+    results = {}
+    for nproc in (1, 2):
+        settings = deep_merge(configs[1]["train"], {"cpu_processes": nproc, "global_batch_size": 4, "batch_size": 2,
+                                                    "save_steps": 100, "warmup_ratio": 0.3})
+        text, plan = render(tiny_model, root / "train.json", demo_dataset, settings)
+        name = f"procs{nproc}"
+        (root / f"{name}.py").write_text(text)
+        (root / f"{name}.plan.json").write_text(json.dumps(plan))
+        cmd = [sys.executable, "-m", "vlmtune.train", "--config", str(root / f"{name}.py"),
+               "--plan", str(root / f"{name}.plan.json"), "--work-dir", str(root / name),
+               "--result", str(root / f"{name}.json"), "--cpu-processes", str(nproc)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert f"{nproc} process(es) x batch 2 x accumulation {4 // (2 * nproc)} = global batch 4" in out.stdout
+        # mmengine's run log records the process group it trained in (two gloo workers for 2).
+        run_log = next((root / name).glob("*/*.log")).read_text()
+        assert "Distributed training: True" in run_log and f"GPU number: {nproc}" in run_log
+        results[nproc] = json.loads((root / f"{name}.json").read_text())
+        assert results[nproc]["iteration"] == plan["iterations"]
+    one, two = results[1], results[2]
+    assert one["global_batch_size"] == two["global_batch_size"] == 4
+    assert (one["accumulative_counts"], two["accumulative_counts"]) == (2, 1)
+    assert one["optimizer_steps"] == two["optimizer_steps"] > 0
+    assert one["iteration"] == 2 * two["iteration"]

@@ -127,6 +127,13 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         raise SystemExit(f"training exited 0 but left no checkpoint in {work_dir}")
     out = dict(checkpoint=str(final.resolve()), iteration=checkpoint_iteration(final),
                work_dir=str(work_dir.resolve()), resumed_from=str(resume) if resume else None)  # fmt: skip
+    if plan is not None:
+        # XTuner counts micro-batch iterations: with accumulation (which global_batch_size
+        # adjusts to the process count) the comparable figure is the optimizer step.
+        p = json.loads(Path(plan).read_text())
+        out.update(processes=nproc, global_batch_size=p["global_batch_size"],
+                   accumulative_counts=p["accumulative_counts"],
+                   optimizer_steps=out["iteration"] // p["accumulative_counts"])  # fmt: skip
     if summary is not None and curves is not None:
         from .telemetry import write
 
