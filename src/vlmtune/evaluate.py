@@ -213,8 +213,11 @@ class LMDeployEngine:
         responses = self.pipe(requests, gen_config=self.gen_config)
         results = []
         for req, r in zip(requests, responses):
-            # The text LMDeploy renders (its own code); the image placeholder left abbreviated.
-            prompt, placeholder = InternVLVisionModel.proc_messages(req, self.pipe.chat_template, True)
+            # The text LMDeploy renders (its own code, on the messages as its image loading leaves
+            # them: image_data -> image); the image placeholder left abbreviated.
+            loaded = [dict(m, content=[dict(type="image", image=c["image_data"]["data"]) if c["type"] == "image_data" else c
+                                       for c in m["content"]]) for m in req]  # fmt: skip
+            prompt, placeholder = InternVLVisionModel.proc_messages(loaded, self.pipe.chat_template, True)
             results.append(dict(prompt=prompt.replace(placeholder, f"{IMG_CONTEXT}*?"), prediction=r.text.strip(),
                                 prompt_tokens=r.input_token_len, completion_tokens=r.generate_token_len,
                                 finish_reason=r.finish_reason))  # fmt: skip

@@ -1,0 +1,107 @@
+"""vlmtune.evaluate: CLI with progress bar and provenance, both engines' fields, errors that
+name the culprit. LMDeploy's GPU pipeline is the one double here (no GPU on these machines); its
+template, generation and engine configs are LMDeploy's own classes."""
+
+import json
+import sys
+
+import pytest
+
+from vlmtune import evaluate
+from vlmtune.prompt import SYSTEM_PROMPT
+
+GEN = dict(max_new_tokens=4, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+FIELDS = {"id", "image", "type", "question", "prompt", "references", "prediction", "prompt_tokens",
+          "completion_tokens", "finish_reason", "engine", "engine_version", "generation", "model"}  # fmt: skip
+
+
+@pytest.fixture()
+def eval_file(tmp_path):
+    recs = [
+        dict(id="e0", image="images/demo000.jpg", type="I2T", question="请你根据这张图片,讲一个脑洞大开的梗。",
+             references=[dict(text="小猫咪,你的猫爪好臭啊", star=197)]),
+        dict(id="e1", image="images/demo006.jpg", type="T2T", question="给这张图配一句话。",
+             references=[dict(text="我的快乐,来得快去得也快。", star=None)]),
+    ]  # fmt: skip
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    return path
+
+
+def test_cli_generate_shows_progress_and_writes_predictions_and_provenance(tiny_model, demo_dataset, eval_file, tmp_path, capsys):
+    out = tmp_path / "base" / "predictions.jsonl"
+    evaluate.main(["generate", "--model", str(tiny_model), "--eval", str(eval_file), "--image-folder", str(demo_dataset),
+                   "--engine", "transformers", "--generation", json.dumps(GEN), "--batch-size", "2", "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "generate (transformers)" in err and "2/2" in err
+    rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["e0", "e1"] and set(rows[0]) == FIELDS
+    assert all(r["completion_tokens"] <= 4 and r["engine"] == "transformers" for r in rows)
+    prov = json.loads((out.parent / "provenance.json").read_text(encoding="utf-8"))
+    assert prov["records"] == 2 and prov["engine"] == "transformers"
+
+
+def test_missing_image_is_named(tiny_model, tmp_path):
+    (tmp_path / "eval.jsonl").write_text(json.dumps(dict(id="a", image="images/gone.jpg", question="q", references=[])) + "\n")
+    with pytest.raises(SystemExit, match=r"image .*images/gone\.jpg does not exist"):
+        evaluate.main(["generate", "--model", str(tiny_model), "--eval", str(tmp_path / "eval.jsonl"), "--image-folder", str(tmp_path),
+                       "--engine", "transformers", "--generation", json.dumps(GEN), "--out", str(tmp_path / "p.jsonl")])  # fmt: skip
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_missing_engine_names_the_env_to_use(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lmdeploy", None)  # import lmdeploy -> ImportError
+    with pytest.raises(evaluate.EvaluateError, match=r"'lmdeploy'.*envs/lmdeploy\.yaml.*evaluate\.engine: transformers"):
+        evaluate.LMDeployEngine(tmp_path, GEN, 4096, 2)
+
+
+def test_bad_inputs_are_named(tmp_path, eval_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "image": "x.jpg", "question": "q", "references": []}\n{oops\n', encoding="utf-8")
+    with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:2: not JSON"):
+        evaluate.read_eval(bad)
+    bad.write_text('{"id": "a", "image": "x.jpg"}\n', encoding="utf-8")
+    with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:1: record lacks question, references"):
+        evaluate.read_eval(bad)
+    with pytest.raises(evaluate.EvaluateError, match="--generation lacks top_p, seed"):
+        evaluate.check_generation(dict(max_new_tokens=1, do_sample=False, temperature=1.0))
+
+
+class FakePipeline:
+    """Stands in for LMDeploy's GPU pipeline only: records what the engine hands it."""
+
+    calls = []
+
+    def __init__(self, model_path, backend_config=None, chat_template_config=None):
+        self.model_path, self.backend_config = model_path, backend_config
+        self.chat_template = chat_template_config.chat_template
+        FakePipeline.calls.append(self)
+
+    def __call__(self, requests, gen_config=None):
+        from lmdeploy.messages import Response
+
+        self.requests, self.gen_config = requests, gen_config
+        return [Response(text=f" 回答{i} ", generate_token_len=3, input_token_len=300, finish_reason="stop") for i in range(len(requests))]
+
+
+def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(monkeypatch, demo_dataset, eval_file, tmp_path):
+    import lmdeploy
+    from PIL import Image
+
+    monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
+    gen = dict(GEN, do_sample=True, temperature=0.7, top_p=0.9, seed=5)
+    n = evaluate.generate(tmp_path / "InternVL2-x", eval_file, demo_dataset, "lmdeploy", tmp_path / "p.jsonl", gen, batch_size=2, session_len=4096)
+    assert n == 2
+    pipe = FakePipeline.calls[-1]
+    assert pipe.backend_config.session_len == 4096 and pipe.backend_config.max_batch_size == 2
+    g = pipe.gen_config
+    assert (g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.random_seed) == (4, True, 0.7, 0.9, 5)
+    assert pipe.chat_template.meta_instruction == SYSTEM_PROMPT and pipe.chat_template.separator == ""
+    content = pipe.requests[0][0]["content"]
+    assert content[0] == dict(type="text", text="请你根据这张图片,讲一个脑洞大开的梗。")
+    assert isinstance(content[1]["image_data"]["data"], Image.Image)
+    rows = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert set(rows[0]) == FIELDS
+    assert rows[0]["prediction"] == "回答0" and rows[0]["engine"] == "lmdeploy" and rows[0]["engine_version"] == "0.10.2"
+    assert rows[0]["prompt"] == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*?</img>\n"
+                                 "请你根据这张图片,讲一个脑洞大开的梗。<|im_end|><|im_start|>assistant\n")  # fmt: skip
