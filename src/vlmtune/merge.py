@@ -120,6 +120,34 @@ def check(base: Path, merged: Path, trained: dict) -> dict:
     return report
 
 
+def answer_one_image(model_dir: Path, max_new_tokens: int = 8) -> dict:
+    """Reload the merged folder the way users will (``AutoModel``, remote code) and generate
+    for one image with the training prompt: a model that loads but cannot answer fails here,
+    not in evaluation hours later."""
+    import tempfile
+    import time
+
+    from PIL import Image
+
+    from .evaluate import TransformersEngine
+
+    start = time.time()
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+    try:
+        engine = TransformersEngine(Path(model_dir), gen)
+        with tempfile.TemporaryDirectory() as tmp:
+            # A gradient test card: one 448-px tile, no dataset needed.
+            Image.linear_gradient("L").resize((448, 448)).convert("RGB").save(Path(tmp) / "card.png")
+            out = engine.generate([dict(image="card.png", question="<image>\n这张图片里有什么?")], Path(tmp))[0]
+    except Exception as exc:
+        raise MergeCheckError(f"the merged model does not reload and answer an image: {type(exc).__name__}: {exc}") from exc
+    if out["completion_tokens"] == 0 and out["finish_reason"] != "stop":
+        raise MergeCheckError("the merged model generated no token for a test image")
+    return dict(ok=True, device=engine.device, prompt_tokens=out["prompt_tokens"],
+                completion_tokens=out["completion_tokens"], prediction=out["prediction"],
+                seconds=round(time.time() - start, 2))  # fmt: skip
+
+
 def merge(config: Path, checkpoint: Path, base: Path, out: Path, report_path: Path | None = None) -> dict:
     script = xtuner_root() / "configs" / "internvl" / "v1_5" / "convert_to_official.py"
     # convert_to_official rebuilds the model in bf16 on the CPU; it needs no GPU.
@@ -140,6 +168,7 @@ def merge(config: Path, checkpoint: Path, base: Path, out: Path, report_path: Pa
             if (Path(base) / extra).exists() and not (target / extra).exists():
                 shutil.copy2(Path(base) / extra, target / extra)
         report = check(base, target, load_checkpoint(checkpoint))
+        report["answer"] = answer_one_image(target)
         report.update(copied_py=copied, checkpoint=str(checkpoint), base=str(base))
         for item in target.iterdir():
             os.replace(item, tmp / item.name)
