@@ -21,8 +21,12 @@ def load(text, tmp_path):
     return Config.fromfile(str(path))
 
 
+# The tutorial's settings over the shipped GPU config (which defaults to bf16 LoRA, micro-batch 4).
+TUTORIAL = {"method": "qlora", "batch_size": 8, "accumulative_counts": 2, "global_batch_size": None}
+
+
 def test_four_gpu_qlora_config(configs, train_json, tmp_path):
-    text, plan = render(tmp_path / "InternVL2-2B", train_json, tmp_path / "ds", configs[0]["train"])
+    text, plan = render(tmp_path / "InternVL2-2B", train_json, tmp_path / "ds", deep_merge(configs[0]["train"], TUTORIAL))
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True
     assert cfg.model.llm_lora.r == 128 and cfg.model.llm_lora.lora_alpha == 256
@@ -62,3 +66,79 @@ def test_short_warmup_is_refused(configs, tmp_path):
     train = deep_merge(configs[1]["train"], {"warmup_ratio": 0.03})
     with pytest.raises(ValueError, match="at least 2 are needed"):
         render(tmp_path / "m", path, tmp_path / "ds", train)
+
+
+LEVERS = {"attention": "sdpa", "gradient_checkpointing": False, "group_by_exact_length": True,
+          "cuda_expandable_segments": True, "iteration_log": True, "max_iters": 12}  # fmt: skip
+
+
+def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
+    from vlmtune.xtuner_main import launcher_settings
+
+    stock = {k: v for k, v in deep_merge(configs[0]["train"], TUTORIAL).items() if k not in LEVERS}
+    text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", stock)
+    (tmp_path / "stock.py").write_text(text)
+    assert launcher_settings(str(tmp_path / "stock.py")) == dict(
+        attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
+        cuda_expandable_segments=False, iteration_log=False)  # fmt: skip
+    cfg = load(text, tmp_path)
+    assert cfg.train_cfg.max_epochs == 1 and "max_iters" not in cfg.train_cfg
+    assert [h.type.__name__ if not isinstance(h.type, str) else h.type for h in cfg.custom_hooks] == ["DatasetInfoHook"]
+
+
+def test_levers_reach_the_launcher(configs, train_json, tmp_path):
+    from vlmtune.xtuner_main import launcher_settings
+
+    text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", deep_merge(configs[0]["train"], LEVERS))
+    (tmp_path / "fast.py").write_text(text)
+    settings = launcher_settings(str(tmp_path / "fast.py"))
+    assert settings == {k: v for k, v in LEVERS.items() if k != "max_iters"}
+    cfg = load(text, tmp_path)
+    assert cfg.train_cfg.max_iters == 12 and "max_epochs" not in cfg.train_cfg
+    assert plan["iterations"] == 12
+    assert cfg.custom_hooks[-1].type == "IterationLogHook"
+    # the config stays a plain XTuner config: the lever block is data, not code
+    assert cfg.vlmtune_launcher["attention"] == "sdpa"
+
+
+def test_unknown_launcher_key_is_refused(tmp_path):
+    from vlmtune.xtuner_main import launcher_settings
+
+    (tmp_path / "c.py").write_text("vlmtune_launcher = {'attention': 'sdpa', 'flash': True}\n")
+    with pytest.raises(SystemExit, match="flash"):
+        launcher_settings(str(tmp_path / "c.py"))
+
+
+def test_project_gpu_defaults(configs):
+    train = configs[0]["train"]
+    assert train["attention"] == "sdpa" and train["group_by_exact_length"] is True
+    assert train["method"] == "lora" and train["cuda_expandable_segments"] is True
+    # the global batch of the tutorial (8 x 2 x 4 GPUs) is kept whatever the micro-batch
+    assert train["global_batch_size"] == 64
+
+
+def test_exact_group_lengths_use_the_tile_count():
+    from types import SimpleNamespace
+
+    from vlmtune.xtuner_main import exact_group_lengths
+
+    guess = 256 * 13
+    data = [
+        {"image": "a.jpg", "width": 448, "height": 448},  # one tile, no thumbnail
+        {"image": "b.jpg", "width": 1344, "height": 448},  # 3x1 tiles + thumbnail
+        {"image": "c.jpg", "image_wh": [10, 10]},  # XTuner already counted it
+        {"image": None},  # text only: negative length, untouched
+        {"image": "d.jpg"},  # no size: the guess stays
+    ]
+    ds = SimpleNamespace(data=data, group_length=[40 + guess, 50 + guess, 999, -30, 60 + guess], patch_token=256,
+                         max_dynamic_patch=12, min_dynamic_patch=1, use_thumbnail=True, image_size=448)  # fmt: skip
+    assert exact_group_lengths(ds) == 2
+    assert ds.group_length == [40 + 256, 50 + 4 * 256, 999, -30, 60 + guess]
+
+
+def test_shipped_gpu_config_keeps_the_global_batch(configs, train_json, tmp_path):
+    text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", configs[0]["train"])
+    cfg = load(text, tmp_path)
+    assert cfg.model.quantization_llm is False
+    assert cfg.train_dataloader.batch_size == 4 and cfg.optim_wrapper.accumulative_counts == 4
+    assert plan["global_batch_size"] == 64 and plan["iterations"] == 157 * 4

@@ -27,7 +27,12 @@ from .atomic import atomic_file, write_json
 SETTINGS = ("device", "gpus", "nodes", "cpu_processes", "method", "max_length", "batch_size",
             "accumulative_counts", "global_batch_size", "dataloader_num_workers", "max_epochs",
             "lr", "betas", "weight_decay", "max_norm", "warmup_ratio", "lora", "save_steps",
-            "save_total_limit", "log_interval", "seed")  # fmt: skip
+            "save_total_limit", "log_interval", "seed", "max_iters", "attention",
+            "gradient_checkpointing", "group_by_exact_length", "cuda_expandable_segments",
+            "iteration_log")  # fmt: skip
+# Speed levers the launcher (vlmtune.xtuner_main) applies; absent keys keep XTuner's stock behaviour.
+LAUNCHER_LEVERS = dict(attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
+                       cuda_expandable_segments=False, iteration_log=False)  # fmt: skip
 
 TEMPLATE = Template('''\
 # Rendered by vlmtune.xtuner_config from the workflow config; do not edit (edit the YAML).
@@ -145,7 +150,7 @@ param_scheduler = [
     ),
 ]
 
-train_cfg = dict(type=TrainLoop, max_epochs=max_epochs)
+train_cfg = dict(type=TrainLoop, $train_length)
 
 #######################################################################
 #                           PART 5  Runtime                           #
@@ -157,7 +162,7 @@ tokenizer = dict(
 )
 
 custom_hooks = [
-    dict(type=DatasetInfoHook, tokenizer=tokenizer),
+    dict(type=DatasetInfoHook, tokenizer=tokenizer),$extra_hooks
 ]
 
 default_hooks = dict(
@@ -186,6 +191,8 @@ load_from = None
 resume = False
 randomness = dict(seed=$seed, deterministic=False)
 log_processor = dict(by_epoch=False)
+# Read (not executed) by the launcher vlmtune.xtuner_main; XTuner ignores it.
+vlmtune_launcher = $launcher
 $model_wrapper
 ''')
 
@@ -232,6 +239,9 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
     cuda = train["device"] == "cuda"
     plan = iteration_plan(samples, world_size(train), train["batch_size"], accumulation(train),
                           train["max_epochs"], train["warmup_ratio"])  # fmt: skip
+    if train.get("max_iters"):
+        # a fixed number of iterations (benchmarks, smoke runs): the schedule still spans the epoch
+        plan["iterations"] = min(plan["iterations"], train["max_iters"])
     if plan["warmup_iterations"] < 2:
         # 0 makes mmengine fail ("end should be larger than begin"); 1 keeps lr at 1e-5 x lr.
         raise ValueError(
@@ -240,6 +250,7 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
             f"to >= {2 / plan['iterations']:.3g} or lower the batch"
         )
     lora = train.get("lora", {})
+    launcher = {k: train.get(k, default) for k, default in LAUNCHER_LEVERS.items()}
     values = dict(
         path=repr(str(Path(model).resolve())),
         data_path=repr(str(Path(train_json).resolve())),
@@ -266,6 +277,9 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
         dist_backend=repr("nccl" if cuda else "gloo"),
         log_interval=train.get("log_interval", 10),
         seed=train["seed"],
+        train_length=f"max_iters={train['max_iters']}" if train.get("max_iters") else "max_epochs=max_epochs",
+        extra_hooks='\n    dict(type="IterationLogHook"),' if launcher["iteration_log"] else "",
+        launcher=repr(launcher),
         # mmengine's default DDP wrapper passes device_ids=[LOCAL_RANK], which CPU modules reject.
         model_wrapper="" if cuda else 'model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)\n',
     )
