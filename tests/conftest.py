@@ -26,3 +26,40 @@ def configs():
     from vlmtune.config import load
 
     return load(ROOT / "config" / "config.yaml"), load(ROOT / "config" / "config.yaml", ROOT / "config" / "demo.yaml")
+
+
+# A hub token planted in the demo run's environment: it must land in no file (test_reproducibility).
+PLANTED_TOKEN = "hf_PLANTEDvlmtune0123456789abcdefghijklmnop"
+WORKFLOW_ITEMS = ["Snakefile", "workflow", "config", "envs", "src"]
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The workflow in a scratch folder, so the checkout's own data/ and results/ stay untouched."""
+    import shutil
+
+    for item in WORKFLOW_ITEMS:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
+    return dest
+
+
+def run_snakemake(workdir: Path, *args, check=True, env=None):
+    """`python -m snakemake ARGS` in workdir; on failure the error names the step logs."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    if check and proc.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").glob("*.log"))) if (workdir / "logs").exists() else ""
+        raise AssertionError(proc.stdout[-5000:] + proc.stderr[-5000:] + logs)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The whole demo, run ONCE per session (CPU time is scarce) in a copy of the workflow, with
+    PLANTED_TOKEN in HF_TOKEN. Tests that change the copy must restore it."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("demo_wf"))
+    run_snakemake(workdir, "-j2", "--configfile", "config/demo.yaml", env={"HF_TOKEN": PLANTED_TOKEN})
+    return workdir

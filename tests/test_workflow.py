@@ -1,32 +1,18 @@
 """The whole demo through Snakemake, in a copy of the workflow (so the checkout's own data/
-and results/ are untouched), plus dry runs of the default config."""
+and results/ are untouched), plus dry runs of the default config. The demo runs once per
+session (the `demo_run` fixture of conftest.py), shared with tests/test_reproducibility.py."""
 
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-
-def snakemake(workdir, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").glob("*.log"))) if (workdir / "logs").exists() else ""
-        raise AssertionError(proc.stdout[-5000:] + proc.stderr[-5000:] + logs)
-    return proc
+from conftest import copy_workflow, run_snakemake as snakemake
 
 
 @pytest.fixture(scope="module")
 def workflow_copy(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("wf")
-    for item in ["Snakefile", "workflow", "config", "envs", "src"]:
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / item)
-    return dest
+    return copy_workflow(tmp_path_factory.mktemp("wf"))
 
 
 def test_default_config_dry_run_lists_the_tutorial_chain(workflow_copy):
@@ -38,8 +24,8 @@ def test_default_config_dry_run_lists_the_tutorial_chain(workflow_copy):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(workflow_copy):
-    snakemake(workflow_copy, "-j2", "--configfile", "config/demo.yaml")
+def test_demo_end_to_end(demo_run):
+    workflow_copy = demo_run
     merged = workflow_copy / "results" / "merged" / "InternVL2-tiny-demo"
     report = json.loads((workflow_copy / "results" / "merged" / "InternVL2-tiny-demo.merge_report.json").read_text())
     assert report["ok"] and report["lora_merged"] == 11 and report["changed"] > 0
@@ -67,13 +53,12 @@ def test_demo_end_to_end(workflow_copy):
 
 
 @pytest.mark.slow
-def test_merge_check_catches_a_mismatched_checkpoint(workflow_copy, tmp_path):
+def test_merge_check_catches_a_mismatched_checkpoint(demo_run):
     """A checkpoint whose names drifted loads as a silent no-op under strict=False: caught."""
     from vlmtune.merge import MergeCheckError, load_checkpoint, check
 
+    workflow_copy = demo_run
     train_result = workflow_copy / "results/train/demo/train_result.json"
-    if not train_result.exists():
-        pytest.skip("needs test_demo_end_to_end")
     trained = load_checkpoint(json.loads(train_result.read_text())["checkpoint"])
     base = workflow_copy / "data/models/InternVL2-tiny"
     merged = workflow_copy / "results/merged/InternVL2-tiny-demo"

@@ -43,7 +43,7 @@ SCHEMA_VERSION = 1
 
 
 # --- code hash (rules' params) ------------------------------------------------------------------
-def _local_imports(path: Path) -> set[str]:
+def _local_imports(path: Path, package: Path = PACKAGE) -> set[str]:
     """Names of the vlmtune modules a module imports (relative or absolute)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -56,7 +56,7 @@ def _local_imports(path: Path) -> set[str]:
                 names.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("vlmtune."))
-    return {n for n in names if (PACKAGE / f"{n}.py").exists() or (PACKAGE / n).is_dir()}
+    return {n for n in names if (package / f"{n}.py").exists() or (package / n).is_dir()}
 
 
 def module_closure(*names: str, package: Path = PACKAGE) -> list[Path]:
@@ -75,7 +75,7 @@ def module_closure(*names: str, package: Path = PACKAGE) -> list[Path]:
         if not path.exists():
             raise FileNotFoundError(f"code_digest: no module {name!r} in {package}")
         files.add(path)
-        todo.extend(_local_imports(path))
+        todo.extend(_local_imports(path, package))
     return sorted(files)
 
 
