@@ -115,3 +115,23 @@ def test_the_launcher_runs_the_step_in_a_good_env():
                           capture_output=True, text=True, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "configuration is valid"
+
+
+def test_the_workflow_runs_a_step_with_its_family_interpreter_and_refuses_a_wrong_one(tmp_path):
+    """config python.data names the data family's interpreter: a bare one stops the step with
+    the envcheck message in the rule's log; the xtuner steps keep the default interpreter."""
+    from conftest import copy_workflow, run_snakemake
+
+    venv.EnvBuilder(with_pip=False).create(tmp_path / "bare")
+    (tmp_path / "wf").mkdir()
+    workdir = copy_workflow(tmp_path / "wf")
+    overlay = tmp_path / "venvs.yaml"
+    overlay.write_text(f"python:\n  data: {tmp_path / 'bare' / 'bin' / 'python'}\n")
+    proc = run_snakemake(workdir, "-j1", "data/demo/CLoT-Oogiri-GO", "--configfile", "config/demo.yaml",
+                         str(overlay), check=False)  # fmt: skip
+    assert proc.returncode != 0
+    log = (workdir / "logs" / "demo_dataset.log").read_text()
+    assert f"interpreter {tmp_path / 'bare' / 'bin' / 'python'} is not the 'data' env" in log, log
+    assert not (workdir / "data" / "demo" / "CLoT-Oogiri-GO").exists()
+    dry = run_snakemake(workdir, "-n", "-p", "--configfile", "config/demo.yaml", str(overlay)).stdout
+    assert "python_xtuner -m vlmtune.train" in dry and "python_data -m vlmtune.fetch" in dry
