@@ -87,7 +87,6 @@ class SingleNodeSlurm:
             "DefMemPerCPU=1000",
             "GresTypes=gpu",
             "AccountingStorageType=accounting_storage/none",
-            "AccountingStorageTRES=gres/gpu",  # the job's TRES then shows its GPUs
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none",
             # finished jobs stay visible to squeue/scontrol: the plugin's squeue status
