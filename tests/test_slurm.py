@@ -241,7 +241,7 @@ def test_demo_on_slurm_equals_a_local_run(tmp_path):
         rule = re.search(r"Comment=rule_(\w+?)(_wildcards|\s)", text)
         assert rule and "JobState=COMPLETED" in text and f"Partition={partition}" in text, text
         by_rule.setdefault(rule.group(1), []).append(job_id)
-    expected = {"demo_model": 1, "demo_dataset": 1, "convert_dataset": 1, "render_xtuner_config": 1,
+    expected = {"demo_model": 1, "demo_dataset": 1, "convert_dataset": 1, "validate_dataset": 1, "render_xtuner_config": 1,
                 "train": 1, "merge_lora": 1, "evaluate": 2}  # fmt: skip
     assert {r: len(v) for r, v in by_rule.items()} == expected, by_rule
     assert "localrule fetch_model" in log and "localrule fetch_dataset" in log
