@@ -44,7 +44,7 @@ def test_code_digest_follows_the_step_imports_and_ignores_mtimes(tmp_path):
 def test_the_real_steps_hash_the_modules_they_import():
     names = {p.name for p in provenance.module_closure("merge")}
     assert {"merge.py", "atomic.py", "provenance.py", "model_builder.py"} <= names
-    assert "evaluate.py" not in names and "convert.py" not in names
+    assert "convert.py" not in names and "train.py" not in names  # not imported by the merge
 
 
 def test_render_reads_only_the_train_keys_the_workflow_passes(configs, tmp_path):
@@ -258,10 +258,14 @@ def test_the_report_holds_loss_curve_evaluation_and_provenance(demo_run, tmp_pat
     offline = {"HF_HUB_OFFLINE": "1", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     run_snakemake(demo_run, *DEMO, "--report", str(html), env=offline)
     text = html.read_text()
-    for item in ["loss_curve.png", "InternVL2-tiny-demo.provenance.json", "predictions.jsonl", "Provenance", "Training", "Evaluation"]:
+    assert PLANTED_TOKEN not in text
+    for item in ["loss_curve.png", "InternVL2-tiny-demo.provenance.json", "predictions.jsonl", "metrics.json",
+                 "summary.png", "Provenance", "Training", "Evaluation"]:
         assert item in text, item
     run_snakemake(demo_run, *DEMO, "--report", str(archive), env=offline)
     names = zipfile.ZipFile(archive).namelist()
     assert any(n.endswith("/loss_curve.png") for n in names), names
     assert sum(n.endswith("provenance.json") for n in names) == 3, names  # merge + base + finetuned
     assert sum(n.endswith("predictions.jsonl") for n in names) == 2, names  # the evaluation
+    # The evaluation summary: per-model metrics and the overview figure (evaluate.smk).
+    assert sum(n.endswith("/metrics.json") for n in names) == 2 and any(n.endswith("/summary.png") for n in names), names
