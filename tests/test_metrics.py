@@ -22,6 +22,15 @@ def test_bleu_takes_a_varying_number_of_references_per_record():
     assert one == pytest.approx(100)
 
 
+def test_resampled_corpus_scores_equal_sacrebleus_corpus_scores():
+    preds = ["我爱北京", "猫坐在垫子上", "今天天气很好"]
+    refs = [["我爱上海"], ["狗在跑", "猫坐在垫子上"], ["明天天气很好"]]
+    for name, direct in (("bleu", metrics.bleu), ("chrf", metrics.chrf)):
+        of_records = metrics.corpus_statistic(name, preds, refs)
+        assert of_records([0, 1, 2]) == pytest.approx(direct(preds, refs))
+        assert of_records([0, 0, 2]) == pytest.approx(direct([preds[0], preds[0], preds[2]], [refs[0], refs[0], refs[2]]))
+
+
 def test_chrf_extremes():
     assert metrics.chrf(["今天天气很好"], [["今天天气很好"]]) == pytest.approx(100)
     assert metrics.chrf(["甲乙丙"], [["丁戊己"]]) == pytest.approx(0)

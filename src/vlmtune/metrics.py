@@ -80,6 +80,16 @@ def chrf(preds: list[str], refs: list[list[str]]) -> float:
     return sacrebleu.corpus_chrf(preds, _reference_streams(refs)).score
 
 
+def corpus_statistic(name: str, preds: list[str], refs: list[list[str]]):
+    """BLEU or chrF of any subset of the records (indices), from per-record sufficient statistics
+    extracted once: how sacrebleu's own significance tests resample a corpus score."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    metric = BLEU(tokenize="zh") if name == "bleu" else CHRF()
+    stats = np.array(metric._extract_corpus_statistics(preds, _reference_streams(refs)))
+    return lambda idx: metric._compute_score_from_stats(list(stats[idx].sum(0))).score
+
+
 def rouge_l(pred: str, refs: list[str]) -> float:
     """Character-level ROUGE-L F1 against the best-matching reference (x100)."""
     from rouge_score import rouge_scorer
@@ -162,8 +172,9 @@ def score_group(rows: list[dict], nll: dict[str, list[dict]] | None, train: set[
         out[name] = dict(value=float(value) if value is not None else None, n=units, unit=unit,
                          ci95=bootstrap_ci(units, statistic, resamples, seed) if value is not None else None)  # fmt: skip
 
-    put("bleu", bleu(preds, refs), lambda i: bleu([preds[k] for k in i], [refs[k] for k in i]))
-    put("chrf", chrf(preds, refs), lambda i: chrf([preds[k] for k in i], [refs[k] for k in i]))
+    for name in ("bleu", "chrf"):
+        of_records = corpus_statistic(name, preds, refs)
+        put(name, of_records(np.arange(n)), of_records)
     put("rouge_l", rouge.mean(), lambda i: rouge[i].mean())
     # CIDEr-D's interval resamples the per-record scores (its document frequencies stay those
     # of the whole set, as in coco-caption).
