@@ -150,7 +150,7 @@ def render_html(run: str, variants: dict[str, tuple[list[dict], dict]], image_fo
     for t in types:
         per = {v: variants[v][1]["by_type"].get(t, {}).get("metrics", {}) for v in names}
         n = max(variants[v][1]["by_type"].get(t, {}).get("records", 0) for v in names)
-        parts.append(f"<h2>Type {html.escape(t)} ({n} records)</h2>" + metric_table(per, names))
+        parts.append(f"<h2>Type {html.escape(t)} ({n} record{'s' if n != 1 else ''})</h2>" + metric_table(per, names))
     by_id = {v: {r["id"]: r for r in variants[v][0]} for v in names}
     shown = first_rows[:max_cards]
     parts.append(f"<h2>Outputs ({len(shown)} of {len(first_rows)} records)</h2><div class=\"cards\">")
