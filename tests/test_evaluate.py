@@ -84,13 +84,17 @@ class FakePipeline:
         return [Response(text=f" 回答{i} ", generate_token_len=3, input_token_len=300, finish_reason="stop") for i in range(len(requests))]
 
 
-def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(monkeypatch, demo_dataset, eval_file, tmp_path):
+def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(monkeypatch, tiny_model, demo_dataset, eval_file, tmp_path):
     import lmdeploy
     from PIL import Image
 
     monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
     gen = dict(GEN, do_sample=True, temperature=0.7, top_p=0.9, seed=5)
-    n = evaluate.generate(tmp_path / "InternVL2-x", eval_file, demo_dataset, "lmdeploy", tmp_path / "p.jsonl", gen, batch_size=2, session_len=4096)
+    # Second record on a 300x900 image: several tiles plus the thumbnail.
+    recs = evaluate.read_eval(eval_file)
+    recs[1]["image"] = "images/demo003.jpg"
+    eval_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    n = evaluate.generate(tiny_model, eval_file, demo_dataset, "lmdeploy", tmp_path / "p.jsonl", gen, batch_size=2, session_len=4096)
     assert n == 2
     pipe = FakePipeline.calls[-1]
     assert pipe.backend_config.session_len == 4096 and pipe.backend_config.max_batch_size == 2
@@ -103,5 +107,10 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
     rows = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
     assert set(rows[0]) == FIELDS
     assert rows[0]["prediction"] == "回答0" and rows[0]["engine"] == "lmdeploy" and rows[0]["engine_version"] == "0.10.2"
-    assert rows[0]["prompt"] == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*?</img>\n"
+    assert rows[0]["prompt"] == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*256</img>\n"
                                  "请你根据这张图片,讲一个脑洞大开的梗。<|im_end|><|im_start|>assistant\n")  # fmt: skip
+    # The prompt field is the transformers engine's, record for record.
+    engine = evaluate.TransformersEngine(tiny_model, device="cpu")
+    _, prompts, _ = engine.prepare(evaluate.read_eval(eval_file), demo_dataset)
+    assert [r["prompt"] for r in rows] == [evaluate.abbreviate(p) for p in prompts]
+    assert "<IMG_CONTEXT>*256</img>" not in rows[1]["prompt"]

@@ -200,6 +200,11 @@ class LMDeployEngine:
             backend_config=TurbomindEngineConfig(session_len=session_len, max_batch_size=batch_size),
             chat_template_config=self.template,
         )
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        vision = cfg["vision_config"]
+        # As LMDeploy's InternVL preprocessing reads them (tiles of vision_config.image_size).
+        self.tiling = (cfg["min_dynamic_patch"], cfg["max_dynamic_patch"], vision["image_size"], cfg["use_thumbnail"])
+        self.tokens_per_tile = int((cfg["force_image_size"] // vision["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2)
         self.gen_config = GenerationConfig(max_new_tokens=gen["max_new_tokens"], do_sample=gen["do_sample"],
                                            top_p=gen["top_p"], temperature=gen["temperature"],
                                            random_seed=gen["seed"])  # fmt: skip
@@ -207,18 +212,21 @@ class LMDeployEngine:
 
     def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
         from lmdeploy.vl import load_image
-        from lmdeploy.vl.model.internvl import InternVLVisionModel
+        from lmdeploy.vl.model.internvl import InternVLVisionModel, dynamic_preprocess
 
         requests = [lmdeploy_messages(rec["question"], load_image(str(Path(image_folder) / rec["image"]))) for rec in batch]
         responses = self.pipe(requests, gen_config=self.gen_config)
         results = []
         for req, r in zip(requests, responses):
             # The text LMDeploy renders (its own code, on the messages as its image loading leaves
-            # them: image_data -> image); the image placeholder left abbreviated.
-            loaded = [dict(m, content=[dict(type="image", image=c["image_data"]["data"]) if c["type"] == "image_data" else c
+            # them: image_data -> image), image tokens abbreviated as the transformers engine does.
+            image = req[0]["content"][1]["image_data"]["data"]
+            loaded = [dict(m, content=[dict(type="image", image=image) if c["type"] == "image_data" else c
                                        for c in m["content"]]) for m in req]  # fmt: skip
             prompt, placeholder = InternVLVisionModel.proc_messages(loaded, self.pipe.chat_template, True)
-            results.append(dict(prompt=prompt.replace(placeholder, f"{IMG_CONTEXT}*?"), prediction=r.text.strip(),
+            tiles = len(dynamic_preprocess(image.convert("RGB"), *self.tiling))
+            prompt = prompt.replace(placeholder, f"{IMG_CONTEXT}*{tiles * self.tokens_per_tile}")
+            results.append(dict(prompt=prompt, prediction=r.text.strip(),
                                 prompt_tokens=r.input_token_len, completion_tokens=r.generate_token_len,
                                 finish_reason=r.finish_reason))  # fmt: skip
         return results
