@@ -11,6 +11,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path):
     """Yield a temporary folder beside ``target``; on success it replaces ``target``."""
@@ -18,7 +24,7 @@ def atomic_dir(target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     # No leading dot: transformers names remote-code modules after the folder.
     tmp = Path(tempfile.mkdtemp(prefix=f"tmp_{target.name.replace('.', '_')}_", dir=target.parent))
-    tmp.chmod(0o755)
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if target.exists():
@@ -40,6 +46,8 @@ def atomic_file(target: Path, mode: str = "w", encoding: str | None = "utf-8"):
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

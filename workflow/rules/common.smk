@@ -106,7 +106,7 @@ EVAL_FAMILY = "lmdeploy" if EVAL["engine"] == "lmdeploy" else "xtuner"
 shell.prefix(
     "set -euo pipefail; export PYTHONPATH=%s${{PYTHONPATH:+:$PYTHONPATH}}; " % SRC
     + "".join(step_python(family) for family in ENV_FAMILIES)
-    + "python_evaluate() {{ python_%s \"$@\"; }}; " % EVAL_FAMILY
+    + 'python_evaluate() {{ python_%s "$@"; }}; ' % EVAL_FAMILY
 )
 
 
