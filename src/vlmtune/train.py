@@ -62,6 +62,15 @@ def command(config: Path, work_dir: Path, nproc: int, deepspeed: str | None,
     return cmd
 
 
+def gpu_types(gpus: int) -> list[str]:
+    """Names of the GPUs this job trained on (for train_summary.json and provenance)."""
+    if gpus <= 0:
+        return []
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(min(gpus, torch.cuda.device_count()))]
+
+
 def claim_work_dir(work_dir: Path, config: Path) -> None:
     """Resume only checkpoints of the same rendered config: a work dir left by another config
     (say, a changed lr) is moved aside, never deleted, and training starts afresh."""
@@ -139,6 +148,7 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
 
         out["summary"] = write(work_dir, summary, curves, extra=dict(
             gpus=gpus, processes=nproc, deepspeed=deepspeed,
+            gpu_types=gpu_types(gpus),
             plan=json.loads(Path(plan).read_text()) if plan else None))  # fmt: skip
     write_json(result, out)
     return out
