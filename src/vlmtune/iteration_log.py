@@ -1,5 +1,6 @@
 """Per-iteration training figures, written by an mmengine hook to ``work_dir/iterations.jsonl``
-(rank 0): wall time of the iteration (device synchronised), samples, image tiles, real and
+(rank 0): wall time since the previous iteration ended (data loading and hooks included; device
+synchronised) and the model step alone, samples, image tiles, real and
 padded token counts of the micro-batch, each sample's real length (for the attention FLOPs),
 loss, and the peak GPU memory so far. Enabled by ``train.iteration_log``; the launcher
 (``vlmtune.xtuner_main``) registers the hook. ``summarise()`` turns the file into throughput
@@ -24,10 +25,13 @@ def hook_class():
     from mmengine.hooks import Hook
 
     class IterationLogHook(Hook):
-        priority = "VERY_LOW"
+        # first among the hooks: mmengine's logger resets the CUDA peak-memory counters each
+        # time it logs, so the peak is read before it does
+        priority = "HIGHEST"
 
         def __init__(self):
             self._start = None
+            self._last_end = None
             self._path = None
 
         def _sync(self):
@@ -40,7 +44,10 @@ def hook_class():
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             self._sync()
-            seconds = time.perf_counter() - self._start
+            end = time.perf_counter()
+            step_seconds = end - self._start
+            seconds = end - (self._last_end if self._last_end is not None else self._start)
+            self._last_end = end
             if get_rank() != 0:
                 return
             data = data_batch["data"]
@@ -54,7 +61,7 @@ def hook_class():
             loss = outputs.get("loss") if isinstance(outputs, dict) else None
             cuda = torch.cuda.is_available()
             record = dict(
-                iteration=runner.iter + 1, seconds=seconds, samples=int(mask.shape[0]), tiles=tiles,
+                iteration=runner.iter + 1, seconds=seconds, step_seconds=step_seconds, samples=int(mask.shape[0]), tiles=tiles,
                 real_tokens=int(mask.sum()), padded_tokens=int(mask.numel()),
                 lengths=[int(n) for n in mask.sum(dim=1).tolist()],
                 loss=float(loss) if loss is not None else None,
@@ -76,8 +83,8 @@ def read(path: Path) -> list[dict]:
 
 def summarise(records: list[dict], warmup: int) -> dict:
     """Throughput after ``warmup`` iterations: median seconds per iteration, and samples/s and
-    real tokens/s over the measured window (total over total time, so accumulation steps, which
-    end with the optimizer step, weigh in by their real cost)."""
+    real tokens/s over the measured window (totals over the total wall time, data loading
+    included, so optimizer steps and long micro-batches weigh in by their real cost)."""
     window = records[warmup:]
     if not window:
         raise ValueError(f"{len(records)} iteration(s) logged, none left after {warmup} warm-up iteration(s)")
@@ -87,6 +94,7 @@ def summarise(records: list[dict], warmup: int) -> dict:
     return dict(
         iterations=len(window), warmup=warmup,
         median_s_per_iter=statistics.median(r["seconds"] for r in window),
+        data_wait_share=1 - sum(r.get("step_seconds", r["seconds"]) for r in window) / seconds,
         samples_per_s=sum(r["samples"] for r in window) / seconds,
         real_tokens_per_s=real / seconds,
         padding_share=1 - real / padded,
