@@ -142,3 +142,16 @@ def test_shipped_gpu_config_keeps_the_global_batch(configs, train_json, tmp_path
     assert cfg.model.quantization_llm is False
     assert cfg.train_dataloader.batch_size == 4 and cfg.optim_wrapper.accumulative_counts == 4
     assert plan["global_batch_size"] == 64 and plan["iterations"] == 157 * 4
+
+
+def test_iteration_log_summary_counts_padding_and_wall_time():
+    from vlmtune.iteration_log import summarise
+
+    rec = lambda s, real, padded, n: dict(seconds=s, step_seconds=s * 0.9, samples=n, tiles=3 * n, real_tokens=real,
+                                          padded_tokens=padded, lengths=[], loss=1.0, max_allocated=2**30, max_reserved=2**31)  # fmt: skip
+    s = summarise([rec(9.0, 10, 10, 2), rec(1.0, 60, 80, 2), rec(3.0, 40, 40, 4)], warmup=1)
+    assert s["iterations"] == 2 and s["samples_per_s"] == 6 / 4.0 and s["real_tokens_per_s"] == 100 / 4.0
+    assert s["padding_share"] == 1 - 100 / 120 and s["tiles_per_sample"] == 3.0
+    assert abs(s["data_wait_share"] - 0.1) < 1e-9 and s["max_reserved_gib"] == 2.0
+    with pytest.raises(ValueError, match="none left"):
+        summarise([rec(1.0, 1, 1, 1)], warmup=1)
