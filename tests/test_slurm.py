@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -190,19 +191,52 @@ def scontrol_job(job_id):
 
 
 def run_on_slurm(workdir, cluster_dir):
-    """The demo under profiles/slurm on a fresh test cluster, torn down afterwards: the
-    `scontrol -d show job` record of every Slurm job, Snakemake's output, the partition."""
+    """The demo under profiles/slurm on a fresh test cluster, then the training again with its
+    job cancelled after its first checkpoint; the cluster is torn down afterwards. Returns the
+    `scontrol -d show job` record of every job of the demo run, Snakemake's output of both
+    runs, the partition and the Slurm ids of the cancelled and the retried training job."""
     cluster = SingleNodeSlurm(cluster_dir, gpus=SLURM_GPUS, gpu_model=GPU_MODEL)
     try:
         cluster.start()
         env = dict(os.environ, SLURM_PARTITION=cluster.partition)  # the profile reads it
-        proc = snakemake(workdir, "--profile", "profiles/slurm", "--workflow-profile", str(slurm_overlay(workdir)),
-                         "--configfile", "config/demo.yaml", env=env, check=False)  # fmt: skip
+        args = ["--profile", "profiles/slurm", "--workflow-profile", str(slurm_overlay(workdir))]
+        proc = snakemake(workdir, *args, "--configfile", "config/demo.yaml", env=env, check=False)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-8000:] + cluster.logs()
-        return {i: scontrol_job(i) for i in re.findall(r"SLURM jobid (\d+)", log)}, log, cluster.partition
+        jobs = {i: scontrol_job(i) for i in re.findall(r"SLURM jobid (\d+)", log)}
+        preempted = preempt_training(workdir, args, env)
+        assert preempted["returncode"] == 0, preempted["log"][-8000:] + cluster.logs()
+        preempted["jobs"] = {i: scontrol_job(i) for i in preempted["train_jobs"]}
+        return jobs, log, cluster.partition, preempted
     finally:
         cluster.stop()
+
+
+def preempt_training(workdir, args, env, timeout=900):
+    """Train afresh under the profile and `scancel` the job once it has saved a checkpoint (as
+    a preemption would): the profile's retries resubmit it and it resumes from the checkpoint."""
+    shutil.rmtree(workdir / "results/train/demo/work_dir")
+    out = workdir / "preempt.log"
+    with out.open("w") as fh:
+        env = dict(env, PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+        proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args, "--configfile", "config/demo.yaml",
+                                 "--forcerun", "train", "--", "results/train/demo/train_result.json"],
+                                cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        marker, cancelled, deadline = workdir / "results/train/demo/work_dir/last_checkpoint", None, time.time() + timeout
+        while proc.poll() is None and time.time() < deadline:
+            if cancelled is None and marker.exists():
+                queue = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True).stdout
+                running_train = [line.split()[0] for line in queue.splitlines() if "rule_train" in line]
+                if running_train:
+                    cancelled = running_train[0]
+                    subprocess.run(["scancel", cancelled], check=True)
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+    log = out.read_text()
+    ids = re.findall(r"SLURM jobid (\d+)", log)
+    return dict(returncode=proc.wait(), log=log, cancelled=cancelled, train_jobs=ids,
+                result=json.loads((workdir / "results/train/demo/train_result.json").read_text()))  # fmt: skip
 
 
 def report_timeline(jobs):
@@ -230,7 +264,7 @@ def test_demo_on_slurm_equals_a_local_run(tmp_path):
         # deterministic for a fixed seed and thread count; another thread count changes the
         # float reduction order and so the last bits of the trained weights.
         local_run = pool.submit(snakemake, local, "-j2", "--configfile", "config/demo.yaml")
-        jobs, log, partition = run_on_slurm(on_slurm, tmp_path / "cluster")
+        jobs, log, partition, preempted = run_on_slurm(on_slurm, tmp_path / "cluster")
         local_run.result()
     assert not any(running(name) for name in DAEMONS), {name: running(name) for name in DAEMONS}
     report_timeline(jobs)
@@ -241,10 +275,14 @@ def test_demo_on_slurm_equals_a_local_run(tmp_path):
         rule = re.search(r"Comment=rule_(\w+?)(_wildcards|\s)", text)
         assert rule and "JobState=COMPLETED" in text and f"Partition={partition}" in text, text
         by_rule.setdefault(rule.group(1), []).append(job_id)
-    expected = {"demo_model": 1, "demo_dataset": 1, "convert_dataset": 1, "validate_dataset": 1, "render_xtuner_config": 1,
-                "train": 1, "merge_lora": 1, "evaluate": 2}  # fmt: skip
-    assert {r: len(v) for r, v in by_rule.items()} == expected, by_rule
-    assert "localrule fetch_model" in log and "localrule fetch_dataset" in log
+    # each job of the run's plan (Snakemake's "Job stats") but the local rules was an sbatch job
+    stats = log.split("Job stats:")[1].split("\n\n")[0]
+    planned = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M) if rule != "total"}
+    local_rules = set(re.findall(r"^localrule (\w+):", log, re.M))
+    assert local_rules == {"all", "fetch_model", "fetch_dataset"}, local_rules
+    compute = {rule: n for rule, n in planned.items() if rule not in local_rules}
+    assert {r: len(v) for r, v in by_rule.items()} == compute, (by_rule, compute)
+    assert compute["train"] == compute["merge_lora"] == 1 and compute["evaluate"] == 2, compute
     # the training job held the GPUs asked for (gres backed by /dev/null), in one task
     train_job = jobs[by_rule["train"][0]]
     assert f"TresPerJob=gres:gpu:{GPU_MODEL}:{SLURM_GPUS}" in train_job, train_job
@@ -266,3 +304,13 @@ def test_demo_on_slurm_equals_a_local_run(tmp_path):
     for variant in ["base", "finetuned"]:
         rows = [[json.loads(l) for l in (w / f"results/eval/demo/{variant}/predictions.jsonl").open()] for w in (local, on_slurm)]
         assert [(r["id"], r["prediction"]) for r in rows[0]] == [(r["id"], r["prediction"]) for r in rows[1]] and rows[0]
+
+    # a training job cancelled after its first checkpoint is resubmitted (retries) and resumes
+    cancelled, train_jobs = preempted["cancelled"], preempted["train_jobs"]
+    assert cancelled and cancelled in train_jobs and len(train_jobs) == 2, preempted["log"][-5000:]
+    assert "JobState=CANCELLED" in preempted["jobs"][cancelled]
+    assert "JobState=COMPLETED" in preempted["jobs"][train_jobs[-1]] and train_jobs[-1] != cancelled
+    resumed = preempted["result"]
+    assert re.search(r"iter_\d+\.pth$", resumed["resumed_from"] or ""), resumed
+    assert resumed["iteration"] == results[0]["iteration"]
+    print(f"preempted: job {cancelled} cancelled, job {train_jobs[-1]} resumed from {Path(resumed['resumed_from']).name}")
