@@ -155,3 +155,21 @@ def test_iteration_log_summary_counts_padding_and_wall_time():
     assert abs(s["data_wait_share"] - 0.1) < 1e-9 and s["max_reserved_gib"] == 2.0
     with pytest.raises(ValueError, match="none left"):
         summarise([rec(1.0, 1, 1, 1)], warmup=1)
+
+
+def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
+    """config/tutorial.yaml over the shipped config gives back the tutorial's exact settings."""
+    from conftest import ROOT
+    from vlmtune.config import load as load_config, validate
+    from vlmtune.xtuner_main import launcher_settings
+
+    config = validate(load_config(ROOT / "config" / "config.yaml", ROOT / "config" / "tutorial.yaml"))
+    text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", config["train"])
+    (tmp_path / "tutorial.py").write_text(text)
+    assert launcher_settings(str(tmp_path / "tutorial.py")) == dict(
+        attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
+        cuda_expandable_segments=False, iteration_log=False)  # fmt: skip
+    cfg = load(text, tmp_path)
+    assert cfg.model.quantization_llm is True and cfg.train_dataloader.batch_size == 8
+    assert cfg.optim_wrapper.accumulative_counts == 2 and plan["global_batch_size"] == 64
+    assert iteration_plan(39736, 4, 8, 2, 1, 0.03)["iterations"] == 1242
