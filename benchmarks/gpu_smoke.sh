@@ -38,7 +38,7 @@ for method in qlora lora; do
 done
 time python3 -m vlmtune.merge --config $W/qlora/cfg.py --train-result $W/qlora/result.json --base $W/InternVL2-2B \
   --out $W/InternVL2-2B-smoke --report "$OUT/merge_report.json" > "$OUT/merge.log" 2>&1 || { tail -40 "$OUT/merge.log"; exit 1; }
-python3 -m vlmtune.evaluate --model $W/InternVL2-2B-smoke --eval $W/eval.jsonl --image-folder $W/ds --engine transformers \
+python3 -m vlmtune.evaluate generate --model $W/InternVL2-2B-smoke --eval $W/eval.jsonl --image-folder $W/ds --engine transformers \
   --generation '{"max_new_tokens": 8, "do_sample": false, "temperature": 1.0, "top_p": 1.0, "seed": 0}' --max-records 1 \
   --out "$OUT/predictions.jsonl" 2>&1 | tail -2
 head -c 300 "$OUT/merge_report.json"
