@@ -66,8 +66,13 @@ def test_samples_over_max_length(demo_dataset, tiny_model, train_samples, policy
         assert kept == train_samples
 
 
-def test_image_that_does_not_decode(demo_dataset, tiny_model, train_samples, tmp_path):
-    """A JPEG whose header is intact (so conversion accepts it) but whose data is cut."""
+@pytest.mark.parametrize("lenient_pillow", [False, True])
+def test_image_that_does_not_decode(demo_dataset, tiny_model, train_samples, tmp_path, monkeypatch, lenient_pillow):
+    """A JPEG whose header is intact (so conversion accepts it) but whose data is cut; also
+    when an imported library (lmdeploy does) made Pillow accept truncated files process-wide."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", lenient_pillow)
     images = tmp_path / "ds"
     shutil.copytree(demo_dataset, images)
     jpg = images / "images" / "demo003.jpg"

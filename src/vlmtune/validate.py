@@ -123,13 +123,18 @@ class TokenLength:
 
 def decode(path: str) -> tuple[int, int] | str:
     """Full decode as XTuner's loader does; (width, height) or the error."""
-    from PIL import Image
+    from PIL import Image, ImageFile
 
+    # Strict whatever an imported library set process-wide (lmdeploy.vl.utils switches
+    # LOAD_TRUNCATED_IMAGES on, which would let a cut JPEG pass as grey-padded pixels).
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as img:
             return img.convert("RGB").size
     except Exception as exc:  # any decoder failure means XTuner would swap the sample
         return f"{type(exc).__name__}: {exc}"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def load_samples(path: Path) -> list[dict]:
