@@ -183,14 +183,14 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
 
     train, groups = [], {}
     for where, rec, (width, height) in kept:
-        question = rec["question"] or default_question
+        question = rec.get("question") or default_question
         if rec["image"] in held_out:
             key = (rec["image"], question)
             if key not in groups:
                 groups[key] = dict(id=f"eval-{len(groups)}", image=f"images/{rec['image']}.jpg",
                                    width=width, height=height, question=question,
-                                   type=rec["type"], references=[])  # fmt: skip
-            groups[key]["references"].append(dict(text=rec["text"], star=rec["star"], source=where))
+                                   type=rec.get("type"), references=[])  # fmt: skip
+            groups[key]["references"].append(dict(text=rec["text"], star=rec.get("star"), source=where))
             continue
         train.append({
             "id": len(train),
@@ -217,7 +217,7 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
         "skipped": n_skipped,
         "skipped_by_reason": {k: len(v) for k, v in sorted(skipped.items())},
         "skipped_where": {k: v for k, v in sorted(skipped.items())},
-        "train_types": dict(Counter(r["type"] for _, r, _ in kept if r["image"] not in held_out)),
+        "train_types": dict(Counter(r.get("type") for _, r, _ in kept if r["image"] not in held_out)),
         "images": {"train": len(set(images) - held_out), "eval": len(held_out)},
         "settings": dict(language=language, default_question=default_question, types=types,
                          on_bad_record=on_bad_record, eval_images=eval_images, split_seed=split_seed),
