@@ -126,3 +126,31 @@ def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(train
     assert (one["accumulative_counts"], two["accumulative_counts"]) == (2, 1)
     assert one["optimizer_steps"] == two["optimizer_steps"] > 0
     assert one["iteration"] == 2 * two["iteration"]
+
+
+def test_checkpoints_of_other_data_or_model_are_not_resumed(tmp_path):
+    """The rendered config names data and model by path only: a new conversion or model
+    revision (same paths, other content) must start afresh, not resume the old run."""
+    from vlmtune.train import claim_work_dir, last_checkpoint
+
+    config, data, model = tmp_path / "cfg.py", tmp_path / "train.json", tmp_path / "model"
+    config.write_text("lr = 2e-5\n")
+    data.write_text('[{"id": 0}]')
+    model.mkdir()
+    (model / "manifest.json").write_text('{"commit": "a"}')
+    work = tmp_path / "work_dir"
+
+    def start():
+        claim_work_dir(work, config, [data, model])
+        return last_checkpoint(work)
+
+    start()
+    (work / "iter_5.pth").write_bytes(b"x")
+    (work / "last_checkpoint").write_text(str(work / "iter_5.pth"))
+    assert start() == work / "iter_5.pth"  # same config and inputs: resume
+    data.write_text('[{"id": 0}, {"id": 1}]')
+    assert start() is None and (tmp_path / "work_dir.superseded" / "iter_5.pth").exists()
+    (work / "iter_2.pth").write_bytes(b"x")
+    (work / "last_checkpoint").write_text(str(work / "iter_2.pth"))
+    (model / "manifest.json").write_text('{"commit": "b"}')
+    assert start() is None

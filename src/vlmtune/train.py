@@ -71,10 +71,31 @@ def gpu_types(gpus: int) -> list[str]:
     return [torch.cuda.get_device_name(i) for i in range(min(gpus, torch.cuda.device_count()))]
 
 
-def claim_work_dir(work_dir: Path, config: Path) -> None:
-    """Resume only checkpoints of the same rendered config: a work dir left by another config
-    (say, a changed lr) is moved aside, never deleted, and training starts afresh."""
-    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+def run_fingerprint(config: Path, inputs: list[Path] = ()) -> str:
+    """What a run's checkpoints belong to: the rendered config and the content of what it
+    reads. The config names the data and model by path only, so a changed conversion or model
+    revision must enter through ``inputs`` (the training file, the plan, the model folder,
+    represented by its fetch manifest of sha256s)."""
+    digest = hashlib.sha256(Path(config).read_bytes())
+    for item in map(Path, inputs):
+        if item.is_dir():
+            manifest = item / "manifest.json"
+            parts = [manifest] if manifest.is_file() else sorted(p for p in item.rglob("*") if p.is_file())
+        else:
+            parts = [item]
+        for part in parts:
+            digest.update(str(part.relative_to(item) if item.is_dir() else part.name).encode() + b"\0")
+            with open(part, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def claim_work_dir(work_dir: Path, config: Path, inputs: list[Path] = ()) -> None:
+    """Resume only checkpoints of the same rendered config and inputs: a work dir left by
+    another config (say, a changed lr) or other data is moved aside, never deleted, and
+    training starts afresh."""
+    digest = run_fingerprint(config, inputs)
     stamp = work_dir / "config.sha256"
     if work_dir.exists() and (not stamp.is_file() or stamp.read_text().strip() != digest):
         if any(work_dir.iterdir()):
@@ -82,7 +103,7 @@ def claim_work_dir(work_dir: Path, config: Path) -> None:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(work_dir, old)
-            print(f"[vlmtune.train] the config changed: previous checkpoints moved to {old}", flush=True)
+            print(f"[vlmtune.train] the config or its inputs changed: previous checkpoints moved to {old}", flush=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest + "\n")
 
@@ -105,9 +126,9 @@ def slurm_launch(nodes: int, port: int = 29500) -> tuple[list[str], str]:
 
 def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
         deepspeed: str | None = None, plan: Path | None = None, summary: Path | None = None,
-        curves: Path | None = None, nodes: int = 1) -> dict:  # fmt: skip
+        curves: Path | None = None, nodes: int = 1, inputs: list[Path] = ()) -> dict:  # fmt: skip
     work_dir = Path(work_dir)
-    claim_work_dir(work_dir, config)
+    claim_work_dir(work_dir, config, [*([plan] if plan else []), *inputs])
     resume = last_checkpoint(work_dir)
     nproc = gpus if gpus > 0 else cpu_processes
     if nodes > 1:
@@ -165,10 +186,13 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=1, help="> 1: one torchrun per node of the Slurm job")
     ap.add_argument("--cpu-processes", type=int, default=1)
+    ap.add_argument("--inputs", type=Path, nargs="*", default=[],
+                    help="training data file and model folder: checkpoints of other content are not resumed")
     ap.add_argument("--deepspeed", default="none",
                     choices=["none", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])  # fmt: skip
     a = ap.parse_args(argv)
-    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan, a.summary, a.curves, a.nodes)
+    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan, a.summary, a.curves, a.nodes,
+              a.inputs)
     print(f"[vlmtune.train] done: iteration {out['iteration']}, checkpoint {out['checkpoint']}")
 
 

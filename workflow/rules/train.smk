@@ -65,4 +65,5 @@ rule train:
         "python_xtuner -m vlmtune.train --config {input.config} --plan {input.plan}"
         " --work-dir {params.work_dir} --result {output.result} --summary {output.summary}"
         " --curves {output.curves} --gpus {params.gpus_per_node} --nodes {resources.nodes}"
-        " --cpu-processes {params.cpu_processes} --deepspeed {params.deepspeed} > {log} 2>&1"
+        " --cpu-processes {params.cpu_processes} --deepspeed {params.deepspeed}"
+        " --inputs {input.train} {input.model} > {log} 2>&1"
