@@ -230,3 +230,12 @@ def test_download_progress_reaches_the_log(hub, capsys):
     log = capsys.readouterr().out
     assert "[3/4] model.safetensors (25.2 MB)" in log
     assert "model.safetensors: resuming from 10.5/25.2 MB" in log  # the retry continues the partial file
+
+
+def test_credentials_in_a_mirror_url_are_dropped_from_what_is_recorded(monkeypatch):
+    from vlmtune.fetch import public_endpoint
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://alice:hf_SECRETtoken@mirror.example.org:8443/hf")
+    assert public_endpoint() == "https://mirror.example.org:8443/hf"
+    monkeypatch.delenv("HF_ENDPOINT")
+    assert public_endpoint() == "https://huggingface.co"

@@ -125,10 +125,20 @@ def classify(exc: BaseException) -> tuple[bool, str]:
     return False, f"{type(exc).__name__}: {exc}"
 
 
+def public_endpoint() -> str:
+    """HF_ENDPOINT as it may be written to logs and manifests: a mirror URL can carry
+    credentials (https://user:token@host), which are dropped."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or ""
+    netloc = host + (f":{url.port}" if url.port else "")
+    return urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
+
+
 def _hub_help(kind: str, repo_id: str, revision: str, source: str, exc: Exception, why: str = "",
               attempts: int = 1, cache: str | None = None) -> FetchError:  # fmt: skip
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    where = endpoint if source == "huggingface" else "modelscope.cn"
+    where = public_endpoint() if source == "huggingface" else "modelscope.cn"
     head = f"could not fetch {kind} {repo_id}@{revision} from {where}: {why or type(exc).__name__}"
     if attempts > 1:
         head += f" (gave up after {attempts} attempts)"
@@ -395,7 +405,7 @@ def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=N
             archive = tmp / "images.zip"
             if archive.is_file() and not (tmp / "images").is_dir():
                 extracted = safe_extract(archive, tmp)
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if source == "huggingface" else None
+        endpoint = public_endpoint() if source == "huggingface" else None
         meta = dict(kind=kind, source=source, repo_id=repo_id, revision=revision,
                     commit=commit, endpoint=endpoint, local_path=str(path) if path else None,
                     extracted_from_zip=extracted,
