@@ -107,3 +107,22 @@ def test_jsonl_training_file_renders_with_its_sample_count(configs, train_sample
     plans = [render(tmp_path / "m", tmp_path / f"train.{fmt}", tmp_path / "ds", configs[1]["train"])[1]
              for fmt in ("json", "jsonl")]  # fmt: skip
     assert plans[0] == plans[1] and plans[0]["samples"] == 36
+
+
+def test_a_held_out_image_that_does_not_decode_stops_the_run_naming_it(demo_dataset, tiny_model, train_samples, tmp_path):
+    images = tmp_path / "ds"
+    shutil.copytree(demo_dataset, images)
+    write_samples(tmp_path / "in.jsonl", [s for s in train_samples if s["image"] != "images/demo003.jpg"], "jsonl")
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"id": "eval-0", "image": "images/demo003.jpg", "question": "q", "references": []}) + "\n")
+    args = ["--train", str(tmp_path / "in.jsonl"), "--images", str(images), "--model", str(tiny_model),
+            "--max-length", "4096", "--eval", str(evals), "--out-train", str(tmp_path / "train.jsonl"),
+            "--report", str(tmp_path / "r.json"), "--histogram", str(tmp_path / "h.png")]  # fmt: skip
+    main(args)
+    assert json.loads((tmp_path / "r.json").read_text())["eval_images_checked"] == 1
+    jpg = images / "images" / "demo003.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:700])
+    (tmp_path / "r.json").unlink()
+    with pytest.raises(SystemExit, match=r"demo003.jpg: held-out image does not decode .*\['eval-0'\]"):
+        main(args)
+    assert not (tmp_path / "r.json").exists()

@@ -263,6 +263,21 @@ def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_lengt
     return kept, report, lengths
 
 
+def check_eval_images(records: list[dict], image_folder: Path, workers: int = 2) -> int:
+    """Fully decode every held-out image (conversion read only headers). The eval set is not
+    rewritten here, so an image that does not decode stops the run naming it: evaluated as a
+    grey-padded picture (LMDeploy loads truncated files) it would skew the metrics silently."""
+    images = sorted({r["image"] for r in records})
+    paths = [str(Path(image_folder) / name) for name in images]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        for name, got in zip(images, pool.map(decode, paths)):
+            if isinstance(got, str):
+                ids = [r["id"] for r in records if r["image"] == name]
+                raise ValidationError(f"{Path(image_folder) / name}: held-out image does not decode ({got}); "
+                                      f"used by eval records {ids[:10]}: replace the file or reconvert")  # fmt: skip
+    return len(images)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True, type=Path, help="converted samples (.json or .jsonl)")
@@ -272,6 +287,7 @@ def main(argv=None) -> None:
     ap.add_argument("--on-too-long", choices=["drop", "keep", "error"], default="drop")
     ap.add_argument("--on-bad-image", choices=["skip", "error"], default="skip")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--eval", type=Path, help="held-out records (eval.jsonl): their images are decoded too")
     ap.add_argument("--out-train", required=True, type=Path)
     ap.add_argument("--report", required=True, type=Path)
     ap.add_argument("--histogram", required=True, type=Path)
@@ -279,6 +295,8 @@ def main(argv=None) -> None:
     samples = load_samples(a.train)
     try:
         kept, report, lengths = validate(samples, a.images, a.model, a.max_length, a.on_too_long, a.on_bad_image, a.workers)
+        if a.eval is not None:
+            report["eval_images_checked"] = check_eval_images(load_samples(a.eval), a.images, a.workers)
     except ValidationError as exc:
         raise SystemExit(f"validate: {exc}") from None
     from .convert import write_samples

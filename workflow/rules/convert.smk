@@ -38,6 +38,7 @@ rule convert_dataset:
 rule validate_dataset:
     input:
         train=CONVERTED_TRAIN,
+        eval=f"{CONVERTED}/eval.jsonl",
         images=DATASET_DIR,
         model=MODEL_DIR,
     output:
@@ -59,6 +60,7 @@ rule validate_dataset:
         runtime=120,
     shell:
         "python_xtuner -m vlmtune.validate --train {input.train} --images {input.images}"
-        " --model {input.model} --max-length {params.max_length} --on-too-long {params.on_too_long}"
+        " --model {input.model} --eval {input.eval} --max-length {params.max_length}"
+        " --on-too-long {params.on_too_long}"
         " --on-bad-image {params.on_bad_image} --workers {threads} --out-train {output.train}"
         " --report {output.report} --histogram {output.histogram} > {log} 2>&1"
