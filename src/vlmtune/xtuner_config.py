@@ -246,8 +246,8 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
         # 0 makes mmengine fail ("end should be larger than begin"); 1 keeps lr at 1e-5 x lr.
         raise ValueError(
             f"train.warmup_ratio {train['warmup_ratio']} gives {plan['warmup_iterations']} warmup "
-            f"iteration(s) of {plan['iterations']}; at least 2 are needed: raise warmup_ratio "
-            f"to >= {2 / plan['iterations']:.3g} or lower the batch"
+            f"iteration(s) of {plan['iterations_per_epoch'] * plan['max_epochs']}; at least 2 are needed: "
+            f"raise warmup_ratio to >= {2 / (plan['iterations_per_epoch'] * plan['max_epochs']):.3g} or lower the batch"
         )
     lora = train.get("lora", {})
     launcher = {k: train.get(k, default) for k, default in LAUNCHER_LEVERS.items()}
