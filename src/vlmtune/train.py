@@ -129,6 +129,7 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         curves: Path | None = None, nodes: int = 1, inputs: list[Path] = ()) -> dict:  # fmt: skip
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, config, [*([plan] if plan else []), *inputs])
+    p = json.loads(Path(plan).read_text()) if plan is not None else None
     resume = last_checkpoint(work_dir)
     nproc = gpus if gpus > 0 else cpu_processes
     if nodes > 1:
@@ -136,8 +137,7 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         cmd = srun + command(config, work_dir, nproc, deepspeed, resume, nnodes=nodes, rdzv_endpoint=endpoint)
     else:
         cmd = command(config, work_dir, nproc, deepspeed, resume)
-    if plan is not None:
-        p = json.loads(Path(plan).read_text())
+    if p is not None:
         print(f"[vlmtune.train] plan: {p['world_size']} process(es) x batch {p['batch_size']} x "
               f"accumulation {p['accumulative_counts']} = global batch {p['global_batch_size']}; "
               f"{p['samples']} samples -> {p['iterations']} iterations "
@@ -157,10 +157,9 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         raise SystemExit(f"training exited 0 but left no checkpoint in {work_dir}")
     out = dict(checkpoint=str(final.resolve()), iteration=checkpoint_iteration(final),
                work_dir=str(work_dir.resolve()), resumed_from=str(resume) if resume else None)  # fmt: skip
-    if plan is not None:
+    if p is not None:
         # XTuner counts micro-batch iterations: with accumulation (which global_batch_size
         # adjusts to the process count) the comparable figure is the optimizer step.
-        p = json.loads(Path(plan).read_text())
         out.update(processes=nproc, global_batch_size=p["global_batch_size"],
                    accumulative_counts=p["accumulative_counts"],
                    optimizer_steps=out["iteration"] // p["accumulative_counts"])  # fmt: skip
@@ -170,7 +169,7 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         out["summary"] = write(work_dir, summary, curves, extra=dict(
             gpus=gpus, processes=nproc, deepspeed=deepspeed,
             gpu_types=gpu_types(gpus),
-            plan=json.loads(Path(plan).read_text()) if plan else None))  # fmt: skip
+            plan=p))  # fmt: skip
     write_json(result, out)
     return out
 
