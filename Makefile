@@ -1,9 +1,14 @@
 # The two commands of the README: `make demo` (whole workflow on the embedded demo, CPU) and
-# `make test`. Both install what they need into a pinned virtual environment first.
+# `make test`. Both install what they need into a pinned virtual environment first; `make test`
+# (and `make test-fast`) also install the Debian packages the tests need (.ci/apt-packages.txt,
+# through .ci/install-system-packages: as root or with passwordless sudo, else it stops before
+# any test naming the command to run).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 JOBS ?= 2
+SYSTEM_PACKAGES := .ci/install-system-packages
+PYTEST ?= python -m pytest
 
 .PHONY: venv venvs demo test test-fast lint format clean-demo
 
@@ -46,10 +51,12 @@ demo: venv
 	PATH=$(abspath $(BIN)):$$PATH snakemake -j$(JOBS) --configfile config/demo.yaml
 
 test: venv
-	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q
+	@$(SYSTEM_PACKAGES)
+	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) -q
 
 test-fast: venv
-	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -m "not slow"
+	@$(SYSTEM_PACKAGES)
+	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) -q -m "not slow"
 
 lint: venv
 	PATH=$(abspath $(BIN)):$$PATH snakemake --lint

@@ -51,7 +51,7 @@ def run_snakemake(workdir: Path, *args, check=True, env=None):
     proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True,
                           text=True, env={**os.environ, **(env or {})})  # fmt: skip
     if check and proc.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").glob("*.log"))) if (workdir / "logs").exists() else ""
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))) if (workdir / "logs").exists() else ""
         raise AssertionError(proc.stdout[-5000:] + proc.stderr[-5000:] + logs)
     return proc
 

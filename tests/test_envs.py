@@ -130,7 +130,7 @@ def test_the_workflow_runs_a_step_with_its_family_interpreter_and_refuses_a_wron
     proc = run_snakemake(workdir, "-j1", "data/demo/CLoT-Oogiri-GO", "--configfile", "config/demo.yaml",
                          str(overlay), check=False)  # fmt: skip
     assert proc.returncode != 0
-    log = (workdir / "logs" / "demo_dataset.log").read_text()
+    log = (workdir / "logs" / "demo" / "demo_dataset.log").read_text()
     assert f"interpreter {tmp_path / 'bare' / 'bin' / 'python'} is not the 'data' env" in log, log
     assert not (workdir / "data" / "demo" / "CLoT-Oogiri-GO").exists()
     dry = run_snakemake(workdir, "-n", "-p", "--configfile", "config/demo.yaml", str(overlay)).stdout

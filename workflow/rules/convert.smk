@@ -20,7 +20,7 @@ rule convert_dataset:
         output_format=TRAIN_FORMAT,
     threads: config["conversion"].get("workers", 8)
     log:
-        "logs/convert_dataset.log",
+        f"logs/{RUN}/convert_dataset.log",
     conda:
         "../../envs/data.yaml"
     resources:
@@ -52,7 +52,7 @@ rule validate_dataset:
         on_bad_image=config["conversion"]["on_bad_record"],
     threads: VALIDATION.get("workers", 2)
     log:
-        "logs/validate_dataset.log",
+        f"logs/{RUN}/validate_dataset.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:

@@ -8,7 +8,7 @@ rule demo_model:
         code=code_hash("demo", "remote_code"),
         seed=0,
     log:
-        "logs/demo_model.log",
+        f"logs/{RUN}/demo_model.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
@@ -25,7 +25,7 @@ rule demo_dataset:
         code=code_hash("demo"),
         seed=0,
     log:
-        "logs/demo_dataset.log",
+        f"logs/{RUN}/demo_dataset.log",
     conda:
         "../../envs/data.yaml"
     resources:

@@ -33,7 +33,7 @@ rule evaluate:
             f"--max-records {EVAL['max_records']}" if EVAL.get("max_records") else ""
         ),
     log:
-        "logs/evaluate_{variant}.log",
+        f"logs/{RUN}/evaluate_{{variant}}.log",
     conda:
         (
             "../../envs/lmdeploy.yaml"
@@ -68,7 +68,7 @@ rule reference_nll:
             f"--max-records {EVAL['max_records']}" if EVAL.get("max_records") else ""
         ),
     log:
-        "logs/reference_nll_{variant}.log",
+        f"logs/{RUN}/reference_nll_{{variant}}.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
@@ -101,7 +101,7 @@ rule score:
         resamples=EVAL.get("bootstrap_resamples", 1000),
         seed=EVAL.get("seed", 0),
     log:
-        "logs/score_{variant}.log",
+        f"logs/{RUN}/score_{{variant}}.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
@@ -139,7 +139,7 @@ rule report:
         ),
         cards=EVAL.get("report_cards", 60),
     log:
-        "logs/report.log",
+        f"logs/{RUN}/report.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:

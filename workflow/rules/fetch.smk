@@ -14,7 +14,7 @@ rule fetch_model:
         revision=config["model"].get("revision") or "main",
         path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
     log:
-        "logs/fetch_model.log",
+        f"logs/{RUN}/fetch_model.log",
     conda:
         "../../envs/data.yaml"
     resources:
@@ -38,7 +38,7 @@ rule fetch_dataset:
         path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
         language=LANGUAGE,
     log:
-        "logs/fetch_dataset.log",
+        f"logs/{RUN}/fetch_dataset.log",
     conda:
         "../../envs/data.yaml"
     resources:

@@ -20,7 +20,7 @@ rule merge_lora:
     params:
         code=code_hash("merge"),
     log:
-        "logs/merge_lora.log",
+        f"logs/{RUN}/merge_lora.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:

@@ -13,7 +13,7 @@ rule render_xtuner_config:
         code=code_hash("xtuner_config"),
         train=json.dumps(TRAIN_SETTINGS, sort_keys=True),
     log:
-        "logs/render_xtuner_config.log",
+        f"logs/{RUN}/render_xtuner_config.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
@@ -50,7 +50,7 @@ rule train:
         gpus_per_node=TRAIN_GPUS,
     threads: TRAIN.get("cpus_per_task", 4)
     log:
-        "logs/train.log",
+        f"logs/{RUN}/train.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
