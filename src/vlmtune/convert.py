@@ -5,10 +5,17 @@ report that accounts for every input line.
 Tutorial semantics: image ``images/{image}.jpg``; record skipped if the file is missing;
 width/height from the image; human turn ``"<image>\\n" + question`` with a null question
 replaced by the default question; gpt turn = ``text``; empty text skipped; ids 0..n-1.
-Beyond it: malformed lines, wrong field types, unreadable images and duplicate records are
-counted (or, with ``--on-bad-record error``, stop the run naming file and line) instead of
-crashing or training twice on the same sample; records of types not in ``--types`` are counted
-as ``type_not_selected``. Every non-blank input line ends up kept or skipped with its reason.
+Beyond it: lines that are not UTF-8 or not JSON (read by ``vlmtune.jsonl``: split on ``\\n``
+only, BOM dropped), wrong field types, image ids that leave the image folder, unreadable
+images and duplicate records are counted (or, with ``--on-bad-record error``, stop the run
+naming file and line) instead of crashing or training twice on the same sample. Filters come
+first: a record of a type not in ``--types`` is counted as ``type_not_selected`` whatever else
+is wrong with it. Every non-blank input line ends up kept or skipped with its reason.
+
+Held-out images are fully decoded before the split is fixed (``held_out_images``): an image
+whose header reads but whose pixels do not is never held out (its records are skipped as
+``corrupt_image``), so evaluation never meets it and a ``skip`` run does not stop on it.
+``--eval-images`` must leave at least one training image.
 
 Duplicates: the dataset's records carry no id (the tutorial numbers samples 0..n-1), so a
 record's identity is what it trains on, ``(image, question, text)``; the second and later
@@ -28,13 +35,14 @@ tutorial's list) or ``jsonl`` (one sample per line; XTuner reads both).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .atomic import atomic_file, write_json
+from .atomic import write_json
+from .images import BadImagePath, decode, image_path
+from .jsonl import iter_jsonl, write_records
 
 DEFAULT_QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
 RECORD_TYPES = ("I2T", "T2T", "IT2T")
@@ -112,17 +120,64 @@ def image_sizes(folder: Path, names: list[str], workers: int) -> dict[str, tuple
         return dict(zip(names, (size for part in pool.map(sizes, chunks) for size in part)))
 
 
-def parse_line(line: str, where: str) -> dict:
+def parse_record(value, where: str, types: list[str]) -> dict:
+    """The record of one parsed line, checked in this order: an object; its type selected
+    (filters first: a record the run excludes is counted as excluded, never as bad); its
+    fields of the right types and valid Unicode (a lone surrogate such as ``"\\ud800"`` is
+    legal JSON but cannot be written back as UTF-8)."""
+    if not isinstance(value, dict):
+        raise BadRecord("malformed_json", where, f"a {type(value).__name__}, not an object")
+    kind = value.get("type")
+    if isinstance(kind, (str, type(None))) and kind not in types:
+        raise BadRecord("type_not_selected", where, f"type {kind!r} not in {types}")
+    for field, allowed in FIELD_TYPES.items():
+        got = value.get(field)
+        if not isinstance(got, allowed) or isinstance(got, bool):
+            raise BadRecord("wrong_field_type", where, f"{field}={got!r}")
+        if isinstance(got, str):
+            try:
+                got.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRecord("invalid_unicode", where, f"{field}={got!r}") from None
+    return value
+
+
+def image_file(images: Path, image_id: str, where: str) -> Path:
+    """``images/<id>.jpg``, or a bad record when the id is absent or leaves the folder."""
+    if not image_id:
+        raise BadRecord("missing_image", where, "no image id")
     try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRecord("malformed_json", where, str(exc)) from None
-    if not isinstance(rec, dict):
-        raise BadRecord("malformed_json", where, f"a {type(rec).__name__}, not an object")
-    for field, types in FIELD_TYPES.items():
-        if not isinstance(rec.get(field), types) or isinstance(rec.get(field), bool):
-            raise BadRecord("wrong_field_type", where, f"{field}={rec.get(field)!r}")
-    return rec
+        return image_path(images, f"{image_id}.jpg")
+    except BadImagePath as exc:
+        raise BadRecord("bad_image_id", where, f"{image_id!r}: {exc}") from None
+
+
+class ConversionError(ValueError):
+    """A setting that cannot work with this dataset (names the config key)."""
+
+
+def held_out_images(images: list[str], folder: Path, eval_images: int, split_seed: int) -> tuple[list[str], dict]:
+    """The seeded draw of ``eval_images`` images, drawn only from images whose pixels decode:
+    the drawn images are fully decoded (conversion reads only headers; an evaluation image
+    must decode because the eval set is not filtered later), and while any does not, it is
+    removed and the draw repeated with the same seed over the rest. Deterministic for a given
+    dataset and seed (reconverting holds out the same images), and the same draw as before when
+    every image decodes. Returns (held-out images, {undecodable image: error})."""
+    decoded, bad, pool = {}, {}, list(images)
+    while True:
+        if eval_images >= len(pool):
+            raise ConversionError(f"conversion.eval_images: {eval_images} is not below the {len(pool)} images with "
+                                  f"usable records{f' ({len(bad)} more do not decode)' if bad else ''}: "
+                                  "no training image would be left; lower it (0 holds nothing out)")  # fmt: skip
+        held = random.Random(split_seed).sample(pool, eval_images)
+        for name in held:
+            if name not in decoded:
+                decoded[name] = decode(str(folder / f"{name}.jpg"))
+        failed = {n: decoded[n] for n in held if isinstance(decoded[n], str)}
+        if not failed:
+            return held, bad
+        bad.update(failed)
+        pool = [n for n in pool if n not in failed]
 
 
 def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT_QUESTION,
@@ -134,6 +189,7 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file (conversion.language {language!r})")
     types = list(types) if types else list(RECORD_TYPES)
+    images_dir = dataset / "images"
     read, candidates, skipped, errors, first_seen = 0, [], defaultdict(list), [], {}
 
     def skip(err: BadRecord):
@@ -141,31 +197,31 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
             errors.append(err)  # raised below: the first bad line of the file, not of a pass
         skipped[err.reason].append(f"{err.where}: {err.detail}")
 
-    with open(source, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue  # blank lines are not records
-            read += 1
-            where = f"{source}:{lineno}"
-            try:
-                rec = parse_line(line, where)
-                if not rec.get("image"):
-                    raise BadRecord("missing_image", where, "no image id")
-                if not (rec.get("text") or "").strip():
-                    raise BadRecord("empty_text", where, "empty text")
-                if rec.get("type") not in types:
-                    raise BadRecord("type_not_selected", where, f"type {rec.get('type')!r} not in {types}")
-                key = (rec["image"], rec.get("question") or default_question, rec["text"])
-                if key in first_seen:
-                    raise BadRecord("duplicate_record", where, f"same image, question and text as line {first_seen[key]}")
-                first_seen[key] = lineno
-            except BadRecord as err:
-                skip(err)
-                continue
-            candidates.append((where, rec))
+    def raise_first_error():
+        if errors:
+            raise min(errors, key=lambda e: int(e.where.rsplit(":", 1)[1]))
+
+    for line in iter_jsonl(source):  # split on "\n" only; BOM dropped; blank lines are not records
+        read += 1
+        where = line.where
+        try:
+            if line.error is not None:
+                raise BadRecord(line.error.reason, where, line.error.detail)
+            rec = parse_record(line.value, where, types)
+            image_file(images_dir, rec.get("image"), where)
+            if not (rec.get("text") or "").strip():
+                raise BadRecord("empty_text", where, "empty text")
+            key = (rec["image"], rec.get("question") or default_question, rec["text"])
+            if key in first_seen:
+                raise BadRecord("duplicate_record", where, f"same image, question and text as line {first_seen[key]}")
+            first_seen[key] = line.lineno
+        except BadRecord as err:
+            skip(err)
+            continue
+        candidates.append((where, rec))
 
     # Image headers, each image once (many records share one), in parallel.
-    sizes = image_sizes(dataset / "images", sorted({rec["image"] for _, rec in candidates}), workers)
+    sizes = image_sizes(images_dir, sorted({rec["image"] for _, rec in candidates}), workers)
 
     kept = []
     for where, rec in candidates:
@@ -174,12 +230,21 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
             skip(BadRecord(size, where, f"images/{rec['image']}.jpg"))
             continue
         kept.append((where, rec, size))
-
-    if errors:
-        raise min(errors, key=lambda e: int(e.where.rsplit(":", 1)[1]))
+    raise_first_error()
 
     images = sorted({rec["image"] for _, rec, _ in kept})
-    held_out = set(random.Random(split_seed).sample(images, min(eval_images, len(images))))
+    held, undecodable = held_out_images(images, images_dir, eval_images, split_seed) if eval_images else ([], {})
+    held_out = set(held)
+    if undecodable:
+        still = []
+        for where, rec, size in kept:
+            if rec["image"] in undecodable:
+                skip(BadRecord("corrupt_image", where, f"images/{rec['image']}.jpg: pixels do not decode "
+                                                      f"({undecodable[rec['image']]})"))  # fmt: skip
+            else:
+                still.append((where, rec, size))
+        kept, images = still, [n for n in images if n not in undecodable]
+        raise_first_error()
 
     train, groups = [], {}
     for where, rec, (width, height) in kept:
@@ -187,10 +252,10 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
         if rec["image"] in held_out:
             key = (rec["image"], question)
             if key not in groups:
-                groups[key] = dict(id=f"eval-{len(groups)}", image=f"images/{rec['image']}.jpg",
-                                   width=width, height=height, question=question,
-                                   type=rec.get("type"), references=[])  # fmt: skip
-            groups[key]["references"].append(dict(text=rec["text"], star=rec.get("star"), source=where))
+                groups[key] = {"id": f"eval-{len(groups)}", "image": f"images/{rec['image']}.jpg",
+                               "width": width, "height": height, "question": question,
+                               "type": rec.get("type"), "references": []}  # fmt: skip
+            groups[key]["references"].append({"text": rec["text"], "star": rec.get("star"), "source": where})
             continue
         train.append({
             "id": len(train),
@@ -214,26 +279,21 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
         "eval_records": n_eval,
         "eval_prompts": len(eval_records),
         "eval_images": sorted(held_out),
+        "eval_images_undecodable": {f"images/{k}.jpg": v for k, v in sorted(undecodable.items())},
         "skipped": n_skipped,
         "skipped_by_reason": {k: len(v) for k, v in sorted(skipped.items())},
         "skipped_where": {k: v for k, v in sorted(skipped.items())},
         "train_types": dict(Counter(r.get("type") for _, r, _ in kept if r["image"] not in held_out)),
         "images": {"train": len(set(images) - held_out), "eval": len(held_out)},
-        "settings": dict(language=language, default_question=default_question, types=types,
-                         on_bad_record=on_bad_record, eval_images=eval_images, split_seed=split_seed),
+        "settings": {"language": language, "default_question": default_question, "types": types,
+                     "on_bad_record": on_bad_record, "eval_images": eval_images, "split_seed": split_seed},
     }  # fmt: skip
     if report["kept"] + n_skipped != read:
         raise AssertionError(f"accounting error: kept {report['kept']} + skipped {n_skipped} != read {read}")
     return train, eval_records, report
 
 
-def write_samples(path: Path, samples: list[dict], output_format: str) -> None:
-    """``json``: one list (the tutorial's layout, without its indent); ``jsonl``: a line each."""
-    with atomic_file(path) as fh:
-        if output_format == "json":
-            fh.write(json.dumps(samples, ensure_ascii=False))
-        else:
-            fh.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+write_samples = write_records  # the training file: json (one list) or jsonl
 
 
 def main(argv=None) -> None:
@@ -257,7 +317,7 @@ def main(argv=None) -> None:
                                               [t for t in a.types.split(",") if t])  # fmt: skip
     except BadRecord as err:
         raise SystemExit(f"convert: bad record at {err.where}: {err.reason}: {err.detail}") from None
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConversionError) as err:
         raise SystemExit(f"convert: {err}") from None
     write_samples(a.out_train, train, a.output_format)
     write_samples(a.out_eval, eval_records, "jsonl")

@@ -35,6 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .atomic import atomic_file, write_json
+from .images import BadImagePath, decode, image_path
+from .jsonl import JsonlError, read_records, write_records
 from .prompt import IMG_CONTEXT, IMG_END, IMG_START
 
 PERCENTILES = (50, 90, 95, 99, 99.9)
@@ -52,10 +54,10 @@ def model_tiling(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
     try:
-        tiling = dict(min_num=cfg["min_dynamic_patch"], max_num=cfg["max_dynamic_patch"],
-                      image_size=cfg["force_image_size"], use_thumbnail=bool(cfg["use_thumbnail"]),
-                      downsample_ratio=cfg["downsample_ratio"], patch_size=cfg["vision_config"]["patch_size"],
-                      architecture=cfg["llm_config"]["architectures"][0])  # fmt: skip
+        tiling = {"min_num": cfg["min_dynamic_patch"], "max_num": cfg["max_dynamic_patch"],
+                      "image_size": cfg["force_image_size"], "use_thumbnail": bool(cfg["use_thumbnail"]),
+                      "downsample_ratio": cfg["downsample_ratio"], "patch_size": cfg["vision_config"]["patch_size"],
+                      "architecture": cfg["llm_config"]["architectures"][0]}  # fmt: skip
     except KeyError as exc:
         raise ValidationError(f"{path}: no {exc.args[0]!r}: not an InternVL chat model config") from None
     tiling["tokens_per_tile"] = int((tiling["image_size"] // tiling["patch_size"]) ** 2 * tiling["downsample_ratio"] ** 2)
@@ -121,27 +123,35 @@ class TokenLength:
 # ---------------------------------------------------------------------------- images
 
 
-def decode(path: str) -> tuple[int, int] | str:
-    """Full decode as XTuner's loader does; (width, height) or the error."""
-    from PIL import Image, ImageFile
-
-    # Strict whatever an imported library set process-wide (lmdeploy.vl.utils switches
-    # LOAD_TRUNCATED_IMAGES on, which would let a cut JPEG pass as grey-padded pixels).
-    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB").size
-    except Exception as exc:  # any decoder failure means XTuner would swap the sample
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
-
-
 def load_samples(path: Path) -> list[dict]:
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
+    """Converted samples (.json list or .jsonl, the package's one reader); ValidationError naming
+    file:line for a line that is not a JSON record."""
+    try:
+        return read_records(path)
+    except JsonlError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def decode_all(folder: Path, names: list[str], workers: int) -> dict[str, tuple[int, int] | str]:
+    """Each image fully decoded once, in a process pool; an image path that leaves ``folder``
+    is not opened and gets its error instead."""
+    paths, decoded = {}, {}
+    for name in names:
+        try:
+            paths[name] = str(image_path(folder, name))
+        except BadImagePath as exc:
+            decoded[name] = f"BadImagePath: {exc}"
+    todo = list(paths)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        chunk = max(1, len(todo) // (8 * max(1, workers)))
+        decoded.update(zip(todo, pool.map(decode, [paths[n] for n in todo], chunksize=chunk)))
+    return decoded
+
+
+def renumbered(samples: list[dict]) -> list[dict]:
+    """The samples with ids 0..n-1 in order (the tutorial's format) after some were dropped;
+    the report keeps the converted file's ids."""
+    return [{**s, "id": i} for i, s in enumerate(samples)]
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -187,9 +197,7 @@ def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_lengt
     ValidationError where the policy is ``error``."""
     tiling = model_tiling(model_dir)
     images = sorted({s["image"] for s in samples})
-    paths = [str(Path(image_folder) / name) for name in images]
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        decoded = dict(zip(images, pool.map(decode, paths, chunksize=max(1, len(paths) // (8 * max(1, workers))))))
+    decoded = decode_all(Path(image_folder), images, workers)
 
     bad_images, size_mismatch = {}, {}
     for s in samples:
@@ -256,7 +264,7 @@ def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_lengt
             "percentiles": {f"p{q:g}": percentile(ordered, q) for q in PERCENTILES},
             "histogram": histogram(ordered, max_length),
         },
-        "settings": dict(max_length=max_length, on_too_long=on_too_long, on_bad_image=on_bad_image),
+        "settings": {"max_length": max_length, "on_too_long": on_too_long, "on_bad_image": on_bad_image},
     }
     if report["samples_out"] + n_bad + report["dropped_too_long"] != len(samples):
         raise AssertionError("accounting error in validation")
@@ -268,13 +276,11 @@ def check_eval_images(records: list[dict], image_folder: Path, workers: int = 2)
     rewritten here, so an image that does not decode stops the run naming it: evaluated as a
     grey-padded picture (LMDeploy loads truncated files) it would skew the metrics silently."""
     images = sorted({r["image"] for r in records})
-    paths = [str(Path(image_folder) / name) for name in images]
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        for name, got in zip(images, pool.map(decode, paths)):
-            if isinstance(got, str):
-                ids = [r["id"] for r in records if r["image"] == name]
-                raise ValidationError(f"{Path(image_folder) / name}: held-out image does not decode ({got}); "
-                                      f"used by eval records {ids[:10]}: replace the file or reconvert")  # fmt: skip
+    for name, got in decode_all(Path(image_folder), images, workers).items():
+        if isinstance(got, str):
+            ids = [r["id"] for r in records if r["image"] == name]
+            raise ValidationError(f"{Path(image_folder) / name}: held-out image does not decode ({got}); "
+                                  f"used by eval records {ids[:10]}: replace the file or reconvert")  # fmt: skip
     return len(images)
 
 
@@ -292,16 +298,14 @@ def main(argv=None) -> None:
     ap.add_argument("--report", required=True, type=Path)
     ap.add_argument("--histogram", required=True, type=Path)
     a = ap.parse_args(argv)
-    samples = load_samples(a.train)
     try:
+        samples = load_samples(a.train)
         kept, report, lengths = validate(samples, a.images, a.model, a.max_length, a.on_too_long, a.on_bad_image, a.workers)
         if a.eval is not None:
             report["eval_images_checked"] = check_eval_images(load_samples(a.eval), a.images, a.workers)
     except ValidationError as exc:
         raise SystemExit(f"validate: {exc}") from None
-    from .convert import write_samples
-
-    write_samples(a.out_train, kept, "jsonl" if a.out_train.suffix == ".jsonl" else "json")
+    write_records(a.out_train, renumbered(kept))
     plot(lengths, a.max_length, a.histogram)
     write_json(a.report, report)
     tl = report["token_length"]
