@@ -3,6 +3,7 @@ reported; the report rendered by headless Chromium, its screenshot checked."""
 
 import base64
 import io
+import os
 import json
 import re
 import shutil
@@ -120,7 +121,7 @@ def test_summary_png_is_a_plot(run):
 def chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     # Not skipped: CI installs it from .ci/apt-packages.txt.
-    assert exe, "chromium is not installed: run .ci/install-system-packages (it is in .ci/apt-packages.txt)"
+    assert exe, "chromium is not installed: make test installs it (.ci/apt-packages.txt through .ci/install-system-packages)"
     return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=10000",
             "--enable-logging=stderr", "--v=0"]  # fmt: skip
 
@@ -168,3 +169,104 @@ def _image(run, name):
     html_text = (run / "report.html").read_text(encoding="utf-8")
     uri = re.search(rf'alt="images/{name}.jpg" src="data:image/jpeg;base64,([^"]+)"', html_text).group(1)
     return io.BytesIO(base64.b64decode(uri))
+
+
+# Distinct characters of the demo's records, and private-use code points that no font has: those
+# render as the missing-glyph box, the reference of a page without a CJK font.
+CJK = "月亮不睡你秃头"
+BOXES = "".join(chr(0xE000 + i) for i in range(len(CJK)))
+CELL = 64
+
+
+def glyph_probe(page_html: str) -> str:
+    """The page with a grid on top, in the page's own body font: row 0 the CJK characters, row 1
+    the boxes, one per fixed cell (48 px text in a 64 px cell)."""
+    cells = "".join(
+        f'<span style="position:absolute;left:{CELL * i}px;top:{CELL * row}px;width:{CELL}px;height:{CELL}px;'
+        f'font-size:48px;line-height:{CELL}px;text-align:center;color:#000">{ch}</span>'
+        for row, text in enumerate((CJK, BOXES)) for i, ch in enumerate(text)
+    )  # fmt: skip
+    grid = f'<div style="position:fixed;left:0;top:0;width:{CELL * len(CJK)}px;height:{2 * CELL}px;background:#fff;z-index:9">{cells}</div>'
+    return page_html.replace("</body>", grid + "</body>")
+
+
+def glyph_masks(html_path, tmp_path, env=None):
+    """Screenshot of the probe page; each cell as the set of its dark pixels: (CJK row, box row)."""
+    from PIL import Image
+
+    shot = tmp_path / f"glyphs-{len(list(tmp_path.glob('glyphs-*')))}.png"
+    res = subprocess.run(chromium() + ["--window-size=800,300", f"--screenshot={shot}", html_path.as_uri()],
+                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
+    with Image.open(shot) as img:
+        grey = img.convert("L")
+    def mask(row, i):  # noqa: E306
+        box = grey.crop((CELL * i, CELL * row, CELL * (i + 1), CELL * (row + 1)))
+        return frozenset(j for j, v in enumerate(box.getdata()) if v < 128)
+    return [mask(0, i) for i in range(len(CJK))], [mask(1, i) for i in range(len(CJK))]
+
+
+def differ(a, b) -> int:
+    return len(a ^ b)
+
+
+def assert_glyphs(cjk, boxes):
+    """Real glyphs: inked, different from one another and from the missing-glyph box."""
+    assert all(boxes) and len(set(boxes)) == 1, "the box reference did not render as one box shape"
+    assert all(len(m) > 40 for m in cjk), [len(m) for m in cjk]
+    assert min(differ(m, boxes[0]) for m in cjk) > 100, "a CJK character rendered as a box (no CJK font?)"
+    assert min(differ(a, b) for i, a in enumerate(cjk) for b in cjk[i + 1 :]) > 100, "CJK characters look alike"
+
+
+def no_cjk_fontconfig(tmp_path) -> dict:
+    """The system's fontconfig without the fonts that cover Chinese: a machine without them."""
+    files = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True).stdout.split()
+    rejects = "".join(f"<glob>{f.rstrip(':')}</glob>" for f in files)
+    conf = tmp_path / "fonts.conf"
+    conf.write_text('<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd"><fontconfig>'
+                    '<include ignore_missing="yes">/etc/fonts/fonts.conf</include>'
+                    f"<selectfont><rejectfont>{rejects}</rejectfont></selectfont></fontconfig>")  # fmt: skip
+    return dict(os.environ, FONTCONFIG_FILE=str(conf))
+
+
+def test_report_renders_chinese_as_glyphs_not_boxes(run, tmp_path):
+    """The report's Chinese, in the report's own CSS font stack, renders as glyphs in headless
+    Chromium: each character's pixels differ from the others' and from the missing-glyph box.
+    Without a CJK font (fontconfig told to reject them) the same check sees boxes."""
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert CJK[:4] in text
+    probe = tmp_path / "probe.html"
+    probe.write_text(glyph_probe(text), encoding="utf-8")
+    cjk, boxes = glyph_masks(probe, tmp_path)
+    assert_glyphs(cjk, boxes)
+    # The same page where no font covers Chinese: every character is the box.
+    cjk_none, boxes_none = glyph_masks(probe, tmp_path, env=no_cjk_fontconfig(tmp_path))
+    with pytest.raises(AssertionError, match="rendered as a box"):
+        assert_glyphs(cjk_none, boxes_none)
+    assert all(differ(m, boxes_none[0]) < 20 for m in cjk_none)
+
+
+def test_a_delta_that_rounds_to_zero_is_neutral():
+    assert report.delta_cell(-0.0004, True) == report.delta_cell(0.0004, False) == "<td>0.000</td>"
+    assert report.delta_cell(-0.002, True) == '<td class="worse">-0.002</td>'
+    assert report.delta_cell(-0.002, False) == '<td class="better">-0.002</td>'
+    assert report.delta_cell(0.5, None) == '<td class="">+0.500</td>'
+    table = report.metric_table({"base": {"bleu": {"value": 1.2344}}, "finetuned": {"bleu": {"value": 1.2341}}}, ["base", "finetuned"])
+    assert "-0.000" not in table and "worse" not in table and "<td>0.000</td>" in table
+
+
+def test_a_demo_report_says_its_outputs_come_from_a_tiny_random_model(run, tmp_path):
+    assert report.DEMO_NOTE in (run / "report.html").read_text(encoding="utf-8")
+    # A model with other shapes (InternVL2-2B's) gets no such line.
+    from vlmtune.model_builder import model_config
+
+    big = tmp_path / "InternVL2-2B"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(model_config("full", 92553)))
+    variants = {v: report.read_variant(run / v) for v in ("base", "finetuned")}
+    assert all(report.is_demo_model(rows[0]["model"]) for rows, _ in variants.values())
+    assert not report.is_demo_model(big) and not report.is_demo_model(tmp_path / "missing")
+    for rows, _ in variants.values():
+        for r in rows:
+            r["model"] = str(big)
+    assert report.DEMO_NOTE not in report.render_html("x", variants, run, 1)

@@ -38,9 +38,15 @@ METRICS = [
 ]
 SUMMARY = ["bleu", "chrf", "rouge_l", "cider_d", "distinct_2", "reference_nll", "preference_accuracy", "prediction_chars"]
 THUMBNAIL = 256
+# CJK fonts first (the records are Chinese): Noto Sans CJK comes with the system packages of the
+# tests (.ci/apt-packages.txt: fonts-noto-cjk); the others are their names on macOS/Windows.
+FONTS = ['"Noto Sans CJK SC"', '"Source Han Sans SC"', '"PingFang SC"', '"Microsoft YaHei"', '"WenQuanYi Micro Hei"',
+         "system-ui", "sans-serif"]  # fmt: skip
+# The delta's precision: a difference that rounds to zero there is neutral, not better or worse.
+DELTA_DIGITS = 3
 
 CSS = """
-body{font-family:system-ui,"Noto Sans CJK SC","Microsoft YaHei",sans-serif;margin:24px;color:#222;background:#fafafa}
+body{font-family:%s;margin:24px;color:#222;background:#fafafa}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;background:#fff}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#eef}
@@ -50,7 +56,8 @@ th:first-child,td:first-child{text-align:left}th{background:#eef}
 .card img{width:160px;height:auto;max-height:220px;object-fit:contain;border:1px solid #ddd;align-self:flex-start}
 .card .text{flex:1;font-size:13px;overflow-wrap:anywhere}.label{color:#555;font-weight:bold}
 .out{background:#f3f3ff;padding:3px;margin:2px 0}.refs{margin:2px 0;padding-left:18px}
-"""
+.note{background:#fff6d6;border:1px solid #e0c060;padding:6px 10px}
+""" % ",".join(FONTS)
 # Marks the page once every image has decoded (read by the headless-browser test).
 SCRIPT = """
 window.addEventListener('load', function () {
@@ -91,6 +98,34 @@ def fmt(x, digits=2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+DEMO_NOTE = ("Demo: these outputs come from a tiny model with random weights (vlmtune.model_builder, preset "
+             "tiny), not from InternVL2; the numbers only show that the pipeline runs.")
+
+
+def is_demo_model(model_dir) -> bool:
+    """A model of model_builder's ``tiny`` preset (the demo's; random weights, then a few demo
+    training steps): its config has exactly the preset's vision and LLM shapes."""
+    from .model_builder import PRESETS
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    tiny = PRESETS["tiny"]
+    return all(
+        all((config.get(f"{part}_config") or {}).get(k) == v for k, v in tiny[part].items()) for part in ("vision", "llm")
+    )  # fmt: skip
+
+
+def delta_cell(d: float, higher: bool | None) -> str:
+    """The delta, green when better and red when worse; one that shows as 0.000 is neutral
+    (no sign, no colour: -0.0004 is not "worse")."""
+    if round(d, DELTA_DIGITS) == 0:
+        return f"<td>{0:.{DELTA_DIGITS}f}</td>"
+    cls = "" if higher is None else ("better" if (d > 0) == higher else "worse")
+    return f'<td class="{cls}">{d:+.{DELTA_DIGITS}f}</td>'
+
+
 def metric_table(metrics: dict[str, dict], variants: list[str]) -> str:
     """Rows: metrics; columns: each variant (value and interval), then the delta last - first."""
     head = "".join(f"<th>{html.escape(v)}</th>" for v in variants)
@@ -112,9 +147,7 @@ def metric_table(metrics: dict[str, dict], variants: list[str]) -> str:
         if len(variants) > 1:
             a, b = cells[0], cells[-1]
             if a and b and a.get("value") is not None and b.get("value") is not None:
-                d = b["value"] - a["value"]
-                cls = "" if higher is None or d == 0 else ("better" if (d > 0) == higher else "worse")
-                delta = f'<td class="{cls}">{d:+.3f}</td>'
+                delta = delta_cell(b["value"] - a["value"], higher)
             else:
                 delta = "<td>–</td>"
         rows.append(f"<tr><td>{html.escape(label)}</td>{''.join(tds)}{delta}</tr>")
@@ -141,6 +174,9 @@ def render_html(run: str, variants: dict[str, tuple[list[dict], dict]], image_fo
     first_rows, first_metrics = variants[names[0]]
     overall = {v: variants[v][1]["overall"] for v in names}
     parts = [f"<h1>Evaluation of run {html.escape(run)}: {' vs '.join(map(html.escape, names))}</h1>"]
+    models = {r.get("model") for v in names for r in variants[v][0][:1]}
+    if models and all(m and is_demo_model(m) for m in models):
+        parts.append(f'<p class="note">{html.escape(DEMO_NOTE)}</p>')
     m = first_metrics
     parts.append(f"<p>{m['records']} held-out records; engine {html.escape(str(m.get('engine')))} "
                  f"{html.escape(str(m.get('engine_version')))}; generation {html.escape(json.dumps(m.get('generation')))}; "
