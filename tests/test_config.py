@@ -44,3 +44,36 @@ def test_snakemake_stops_on_invalid_config(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "train.deepspeed: 'zero5' is not allowed" in proc.stdout + proc.stderr
+
+
+def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-4` as the string '1e-4': validation makes it the number,
+    in the config object itself, so Snakemake's rules see 0.0001; a non-number string still fails."""
+    import re
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT
+
+    overlay = yaml.safe_load("train:\n  lr: 1e-4\n  betas: [0.9, 1e-1]\n  warmup_ratio: 3e-2\n")
+    assert overlay["train"]["lr"] == "1e-4"
+    config = deep_merge(configs[0], overlay)
+    assert validate(config) is config
+    assert config["train"]["lr"] == 1e-4 and config["train"]["betas"] == [0.9, 0.1] and config["train"]["warmup_ratio"] == 0.03
+    assert isinstance(config["train"]["lr"], float)
+    with pytest.raises(ConfigError, match="train.lr: 'fast' has the wrong type"):
+        validate(deep_merge(configs[0], {"train": {"lr": "fast"}}))
+    with pytest.raises(ConfigError, match="train.lr: '-1e-4' is out of range|train.lr: -0.0001 is out of range"):
+        validate(deep_merge(configs[0], {"train": {"lr": "-1e-4"}}))
+    # Snakemake reads the same file: the dry run plans the run with the number (same params as 1.0e-4).
+    plans = []
+    for text in ("1e-4", "1.0e-4"):
+        (tmp_path / "lr.yaml").write_text(f"train:\n  lr: {text}\n")
+        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "results/xtuner/demo/plan.json",
+                               "--configfile", "config/demo.yaml", str(tmp_path / "lr.yaml")],
+                              cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        plans.append(re.search(r"--train-settings (.*?) --out", proc.stdout).group(1))
+    assert '"lr": 0.0001' in plans[0] and plans[0] == plans[1]

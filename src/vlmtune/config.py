@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -63,12 +64,46 @@ def _describe(error) -> str:
     return f"{key}: {error.message}"
 
 
+# A float as YAML 1.2 (and JSON) writes it; PyYAML follows YAML 1.1, which needs a dot and a
+# signed exponent, so `lr: 1e-4` arrives as the string "1e-4".
+_FLOAT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number_type(schema: dict) -> bool:
+    types = schema.get("type")
+    return "number" in (types if isinstance(types, list) else [types])
+
+
+def coerce_numbers(config, schema: dict):
+    """Where the schema wants a number and the YAML gave a string that is one (``1e-4``), put
+    the number in its place (in place: Snakemake's config object is the one validated)."""
+    if isinstance(config, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key not in config:
+                continue
+            value = config[key]
+            if isinstance(value, str) and _number_type(sub) and _FLOAT.fullmatch(value.strip()):
+                config[key] = float(value)
+            else:
+                coerce_numbers(value, sub)
+    elif isinstance(config, list) and isinstance(schema.get("items"), dict):
+        items = schema["items"]
+        for i, value in enumerate(config):
+            if isinstance(value, str) and _number_type(items) and _FLOAT.fullmatch(value.strip()):
+                config[i] = float(value)
+            else:
+                coerce_numbers(value, items)
+    return config
+
+
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
-    """Raise ConfigError naming each invalid key; return the config unchanged otherwise."""
+    """Raise ConfigError naming each invalid key; return the config otherwise (numbers YAML 1.1
+    read as strings, ``lr: 1e-4``, made numbers, in place)."""
     import jsonschema
 
     with open(schema_path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
+    coerce_numbers(config, schema)
     validator = jsonschema.Draft7Validator(schema)
     problems = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
