@@ -29,10 +29,11 @@ SETTINGS = ("device", "gpus", "nodes", "cpu_processes", "method", "max_length", 
             "lr", "betas", "weight_decay", "max_norm", "warmup_ratio", "lora", "save_steps",
             "save_total_limit", "log_interval", "seed", "max_iters", "attention",
             "gradient_checkpointing", "group_by_exact_length", "cuda_expandable_segments",
-            "iteration_log")  # fmt: skip
+            "iteration_log", "label_only_head", "qlora_compute_dtype", "fused_norm")  # fmt: skip
 # Speed levers the launcher (vlmtune.xtuner_main) applies; absent keys keep XTuner's stock behaviour.
 LAUNCHER_LEVERS = dict(attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-                       cuda_expandable_segments=False, iteration_log=False)  # fmt: skip
+                       cuda_expandable_segments=False, iteration_log=False, label_only_head=False,
+                       qlora_compute_dtype="float16", fused_norm=False)  # fmt: skip
 
 TEMPLATE = Template('''\
 # Rendered by vlmtune.xtuner_config from the workflow config; do not edit (edit the YAML).
@@ -211,8 +212,9 @@ def iteration_plan(samples: int, world_size: int, batch_size: int, accumulative_
 
 
 def world_size(train: dict) -> int:
-    # torchrun processes over all nodes: one per GPU (train.gpus is per node)
-    return train["gpus"] * train.get("nodes", 1) if train["device"] == "cuda" else train.get("cpu_processes", 1)
+    # torchrun processes over all nodes: one per GPU or cpu_processes per node (both per node)
+    per_node = train["gpus"] if train["device"] == "cuda" else train.get("cpu_processes", 1)
+    return per_node * train.get("nodes", 1)
 
 
 def accumulation(train: dict) -> int:

@@ -19,7 +19,15 @@ XTuner tool read it unchanged, and the weights the levers train are the same):
   counts every image as the maximum 13 tiles unless a record has ``image_wh``; our records carry
   ``width``/``height``, from which the exact tile count follows (XTuner's own tiling arithmetic),
   so micro-batches hold samples of similar real length and padding shrinks;
-- ``iteration_log``: registers ``vlmtune.iteration_log``'s hook (per-iteration figures).
+- ``iteration_log``: registers ``vlmtune.iteration_log``'s hook (per-iteration figures);
+- ``label_only_head``, ``qlora_compute_dtype``, ``fused_norm``: ``vlmtune.speed`` (the LLM's output
+  head and loss only at labelled positions; bf16 compute for the 4-bit layers; fused RMSNorm/SwiGLU).
+
+Benchmark-only environment variables (``benchmarks/train_gpu.py``): ``VLMTUNE_CUDA_MEMORY_GIB``
+caps this process's CUDA memory (``torch.cuda.set_per_process_memory_fraction``: a smaller GPU's
+tier on a big one); ``VLMTUNE_BENCH_HOOK=1`` replaces the iteration hook by
+``vlmtune.speed.bench_hook_class()`` (labelled-position counts; a profiler window from
+``VLMTUNE_PROFILE=START:COUNT``).
 
 Used by ``vlmtune.train`` as ``torchrun ... -m vlmtune.xtuner_main CONFIG --launcher pytorch``.
 """
@@ -75,6 +83,7 @@ def install_levers(settings: dict) -> None:
     from xtuner.dataset import InternVL_V1_5_Dataset
     from xtuner.model import InternVL_V1_5
 
+    from . import speed
     from .attention import apply
 
     model_init = InternVL_V1_5.__init__
@@ -84,8 +93,9 @@ def install_levers(settings: dict) -> None:
         switched = apply(self.model, settings["attention"])
         if not settings["gradient_checkpointing"]:
             self.gradient_checkpointing_disable()
+        levers = speed.apply(self, settings)
         print_log(f"[vlmtune] attention {settings['attention']} {switched}; LLM gradient checkpointing "
-                  f"{'on' if settings['gradient_checkpointing'] else 'off'}", logger="current")  # fmt: skip
+                  f"{'on' if settings['gradient_checkpointing'] else 'off'}; levers {levers}", logger="current")  # fmt: skip
 
     InternVL_V1_5.__init__ = init_model
     if settings["group_by_exact_length"]:
@@ -102,7 +112,8 @@ def install_levers(settings: dict) -> None:
 
         from .iteration_log import hook_class
 
-        HOOKS.register_module(name="IterationLogHook", module=hook_class(), force=True)
+        hook = speed.bench_hook_class() if os.environ.get("VLMTUNE_BENCH_HOOK") == "1" else hook_class()
+        HOOKS.register_module(name="IterationLogHook", module=hook, force=True)
 
 
 def main() -> None:
@@ -114,6 +125,10 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         torch.cuda.set_device = lambda *args, **kwargs: None
+    elif os.environ.get("VLMTUNE_CUDA_MEMORY_GIB"):
+        device = int(os.environ.get("LOCAL_RANK", 0))
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(os.environ["VLMTUNE_CUDA_MEMORY_GIB"]) * 2**30 / total), device)
     install_levers(settings)
     sys.argv = ["xtuner.tools.train", *sys.argv[1:]]
     runpy.run_module("xtuner.tools.train", run_name="__main__", alter_sys=True)

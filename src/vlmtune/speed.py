@@ -1,0 +1,294 @@
+"""Speed levers for XTuner's ``InternVL_V1_5`` applied by the launcher (``vlmtune.xtuner_main``) to
+the built model, never by editing XTuner's or the model's files.
+
+- ``label_only_head`` (``train.label_only_head``): XTuner's ``_llm_forward`` runs the causal LM
+  (``InternLM2ForCausalLM``), which projects EVERY position onto the 92,553-token vocabulary and
+  casts the logits to fp32; XTuner then copies ``logits[:, :-1]`` and takes a cross-entropy in
+  which every position without a label (``-100``: prompt, image tokens, padding) is ignored. A
+  sample carries ~1,600 tokens of which ~40 have labels. The lever computes the same loss from
+  the decoder's hidden states at the labelled positions only: position ``t`` predicts label
+  ``t + 1`` (XTuner's shift), so the head (with its LoRA adapter) and the cross-entropy see exactly
+  the rows whose terms the stock loss averages, and the mean is over the same count. Same loss,
+  same gradients (tests/test_speed.py), a fraction of the head's GEMM and no full fp32 logits.
+  The causal LM's ``forward`` is wrapped on the instance; it takes the short path only while
+  ``InternVL_V1_5._llm_forward`` hands it the positions, so generation and any other caller see the
+  original forward.
+- ``qlora_compute_dtype`` (``train.qlora_compute_dtype``): XTuner hard-codes
+  ``bnb_4bit_compute_dtype=torch.float16`` (FIELD-NOTES §2) while the model trains in bf16
+  (DeepSpeed casts the module to bf16), so every 4-bit layer casts its bf16 input and its
+  dequantised bf16 weight to fp16 and the fp16 output back to bf16. ``bfloat16`` sets the compute
+  dtype of every bitsandbytes ``Linear4bit`` to bf16: no casts (the dequantised weight is bf16
+  either way).
+- ``fused_norm`` (``train.fused_norm``): InternLM2's RMSNorm runs six element-wise kernels
+  (fp32 cast, square, mean, rsqrt, multiply, cast back, weight multiply) and its MLP two more for
+  SiLU and the gate product; the lever routes both through ``torch.compile``d functions of the same
+  arithmetic (one fused kernel each; ``dynamic=True`` so varying sequence lengths do not
+  recompile). Off by default; the functions run uncompiled when ``compile=False`` (CPU tests).
+
+``bench_hook_class()`` is the benchmark's iteration hook: the project's ``IterationLogHook`` plus
+the labelled-position count of each iteration (``labels.jsonl``, for the FLOP model) and an
+optional ``torch.profiler`` window whose kernels are summed by category (``profile.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+COMPUTE_DTYPES = ("float16", "bfloat16")
+
+
+# ---------------------------------------------------------------- label-only head
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (into ``B * N``) of the positions whose next token carries a label, and those
+    labels, in XTuner's order (row-major: the order of the stock loss's terms)."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    flat = shifted.reshape(-1)
+    index = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return index, flat.index_select(0, index)
+
+
+def causal_lm(language_model: torch.nn.Module) -> torch.nn.Module:
+    """The ``...ForCausalLM`` module inside a (possibly PEFT-wrapped) language model."""
+    lm = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    if not hasattr(lm, "get_output_embeddings") or not hasattr(lm, "model"):
+        raise RuntimeError(f"{type(lm).__name__}: no decoder (.model) and output head to split")
+    if getattr(lm.config, "pretraining_tp", 1) > 1:
+        raise RuntimeError("label_only_head: pretraining_tp > 1 is not supported")
+    return lm
+
+
+def _selective_forward(lm: torch.nn.Module, original):
+    """``lm.forward`` that, while ``lm._vlmtune_positions`` is set, returns fp32 logits only at
+    those flat positions (shape ``[n, vocab]``); otherwise the original forward."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(*args, **kwargs):
+        positions = lm.__dict__.get("_vlmtune_positions")
+        if positions is None:
+            return original(*args, **kwargs)
+        if kwargs.pop("labels", None) is not None:
+            raise RuntimeError("label_only_head: labels reached the causal LM")
+        kwargs["return_dict"] = True
+        outputs = lm.model(*args, **kwargs)
+        hidden = outputs[0]
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        logits = lm.get_output_embeddings()(selected).float()
+        return CausalLMOutputWithPast(logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
+
+    return forward
+
+
+def install_label_only_head(model_cls=None) -> None:
+    """Wrap ``InternVL_V1_5._llm_forward`` (once): for an instance with
+    ``vlmtune_label_only_head = True`` and labels given, the loss comes from the labelled positions
+    only. Idempotent."""
+    if model_cls is None:
+        from xtuner.model import InternVL_V1_5 as model_cls
+    if getattr(model_cls, "_vlmtune_label_only_installed", False):
+        return
+    original = model_cls._llm_forward
+
+    def _llm_forward(self, *args, labels=None, **kwargs):
+        if labels is None or not getattr(self, "vlmtune_label_only_head", False):
+            return original(self, *args, labels=labels, **kwargs)
+        lm = causal_lm(self.model.language_model)
+        if "_vlmtune_wrapped" not in lm.__dict__:
+            lm.forward = _selective_forward(lm, lm.forward)
+            lm._vlmtune_wrapped = True
+        positions, targets = label_positions(labels)
+        lm._vlmtune_positions = positions
+        try:
+            out = original(self, *args, labels=None, **kwargs)
+        finally:
+            lm._vlmtune_positions = None
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        # the stock CrossEntropyLoss: mean over the non-ignored terms (NaN when there are none)
+        loss = F.cross_entropy(logits, targets.to(logits.device))
+        if hasattr(out, "logits"):
+            out["loss"] = loss  # item assignment: a ModelOutput's attribute and key both
+            return out
+        return (loss, *out)
+
+    model_cls._llm_forward = _llm_forward
+    model_cls._vlmtune_label_only_installed = True
+
+
+# ---------------------------------------------------------------- 4-bit compute dtype
+def set_4bit_compute_dtype(model: torch.nn.Module, dtype: str) -> int:
+    """Set the compute dtype of every bitsandbytes 4-bit linear layer; returns how many."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"qlora_compute_dtype {dtype!r}: choose one of {COMPUTE_DTYPES}")
+    target = getattr(torch, dtype)
+    n = 0
+    for module in model.modules():
+        # bnb.nn.Linear4bit (PEFT's LoRA wrapper of it has no compute_dtype of its own)
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "compute_dtype") and hasattr(module, "compute_type_is_set"):
+            module.compute_dtype = target
+            module.compute_type_is_set = True  # keep bnb from re-deriving it from the first input
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------- fused RMSNorm / SwiGLU
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """InternLM2RMSNorm.forward's arithmetic, op for op."""
+    dtype = hidden.dtype
+    h = hidden.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+_FUSED: dict = {}
+
+
+def _fused(fn, compile: bool):
+    if not compile:
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = torch.compile(fn, dynamic=True)
+    return _FUSED[fn]
+
+
+def apply_fused_norm(model: torch.nn.Module, compile: bool = True) -> dict:
+    """Route InternLM2's RMSNorm and SwiGLU MLP modules through the fused functions (per
+    instance). Returns counts."""
+    norm, mlp = _fused(rms_norm, compile), _fused(silu_mul, compile)
+    done = dict(rms_norm=0, swiglu=0)
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "InternLM2RMSNorm":
+            module.forward = types.MethodType(lambda self, x: norm(x, self.weight, self.variance_epsilon), module)
+            done["rms_norm"] += 1
+        elif name == "InternLM2MLP" and isinstance(module.act_fn, torch.nn.SiLU):
+            module.forward = types.MethodType(lambda self, x: self.w2(mlp(self.w1(x), self.w3(x))), module)
+            done["swiglu"] += 1
+    return done
+
+
+# ---------------------------------------------------------------- apply all
+def apply(xtuner_model, settings: dict) -> dict:
+    """Apply the levers of ``settings`` (the launcher dict) to a built ``InternVL_V1_5``."""
+    done = {}
+    if settings.get("label_only_head"):
+        install_label_only_head(type(xtuner_model))
+        xtuner_model.vlmtune_label_only_head = True
+        causal_lm(xtuner_model.model.language_model)  # fail at start, not at the first batch
+        done["label_only_head"] = True
+    dtype = settings.get("qlora_compute_dtype", "float16")
+    if dtype != "float16":
+        done["4bit_layers_" + dtype] = set_4bit_compute_dtype(xtuner_model, dtype)
+    if settings.get("fused_norm"):
+        done.update(apply_fused_norm(xtuner_model, compile=torch.cuda.is_available()))
+    return done
+
+
+# ---------------------------------------------------------------- benchmark hook
+CATEGORIES = ("GEMM", "attention", "4-bit dequantize", "element-wise", "casts/copies", "optimizer", "communication")
+
+
+def kernel_category(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa")):
+        return "attention"
+    if any(k in n for k in ("nccl", "allreduce", "all_reduce", "allgather", "reducescatter")):
+        return "communication"
+    if "dequant" in n:
+        return "4-bit dequantize"
+    if any(k in n for k in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk", "sm90_", "sm80_",
+                            "ampere_", "hopper_", "s16816", "s1688", "wgmma")):  # fmt: skip
+        return "GEMM"
+    if any(k in n for k in ("multi_tensor", "adam", "foreach", "optimizer", "lamb")):
+        return "optimizer"
+    if any(k in n for k in ("copy", "memcpy", "memset", "cast", "convert", "cat", "fill")):
+        return "casts/copies"
+    return "element-wise"
+
+
+def summarise_profile(prof, wall_s: float, iterations: int) -> dict:
+    """Device time by kernel category over a profiled window; idle = wall time - busy union."""
+    spans, by_cat, top = [], {c: 0.0 for c in CATEGORIES}, {}
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        start, end = evt.time_range.start, evt.time_range.end
+        if end <= start:
+            continue
+        cat = kernel_category(evt.name)
+        by_cat[cat] += (end - start) / 1e6
+        top[evt.name] = top.get(evt.name, 0.0) + (end - start) / 1e6
+        spans.append((start, end))
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    busy /= 1e6
+    shares = {c: t / wall_s for c, t in by_cat.items()}
+    shares["idle"] = max(0.0, wall_s - busy) / wall_s
+    return dict(wall_s=wall_s, iterations=iterations, busy_s=busy, seconds=by_cat, share=shares,
+                top_kernels=sorted(([k, v] for k, v in top.items()), key=lambda kv: -kv[1])[:25])  # fmt: skip
+
+
+def bench_hook_class():
+    """IterationLogHook + labelled-position counts + an optional profiler window, set by
+    ``VLMTUNE_PROFILE=START:COUNT`` (iterations, 1-based start)."""
+    from mmengine.dist import get_rank
+
+    from .iteration_log import hook_class
+
+    base = hook_class()
+    spec = os.environ.get("VLMTUNE_PROFILE", "")
+    start, count = (int(x) for x in spec.split(":")) if spec else (0, 0)
+
+    class BenchIterationLogHook(base):
+        def __init__(self):
+            super().__init__()
+            self._prof = None
+            self._prof_t0 = None
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if count and runner.iter + 1 == start and get_rank() == 0 and torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+                self._prof.__enter__()
+                self._prof_t0 = time.perf_counter()
+            super().before_train_iter(runner, batch_idx, data_batch)
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            super().after_train_iter(runner, batch_idx, data_batch, outputs)
+            if get_rank() != 0:
+                return
+            labels = data_batch["data"]["labels"]
+            with Path(runner.work_dir, "labels.jsonl").open("a") as fh:
+                fh.write(json.dumps(dict(iteration=runner.iter + 1, labelled=int((labels[:, 1:] != IGNORE_INDEX).sum()))) + "\n")
+            if self._prof is not None and runner.iter + 1 == start + count - 1:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - self._prof_t0
+                self._prof.__exit__(None, None, None)
+                summary = summarise_profile(self._prof, wall, count)
+                summary["first_iteration"] = start
+                Path(runner.work_dir, "profile.json").write_text(json.dumps(summary, indent=1))
+                self._prof = None
+
+    return BenchIterationLogHook

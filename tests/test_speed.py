@@ -1,0 +1,189 @@
+"""The launcher's speed levers (vlmtune.speed) on CPU: the label-only head gives XTuner's loss and
+gradients on the tiny demo model through XTuner's own model and dataset; the fused RMSNorm/SwiGLU
+arithmetic equals the modules'; the 4-bit compute dtype switch; the new config keys render."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from vlmtune import speed
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    # InternVL_V1_5's forward calls torch.distributed.get_rank() (FIELD-NOTES §2)
+    if not torch.distributed.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def xtuner_batch(tiny_model, demo_dataset, tmp_path_factory, process_group):
+    """XTuner's InternVL_V1_5 (LoRA on every LLM linear incl. the head, dropout 0) and one collated,
+    right-padded batch of 3 samples from XTuner's dataset over demo images."""
+    from peft import LoraConfig
+    from xtuner.dataset.collate_fns import default_collate_fn
+    from xtuner.dataset.internvl_dataset import InternVL_V1_5_Dataset
+    from xtuner.model import InternVL_V1_5
+    from xtuner.utils import PROMPT_TEMPLATE
+
+    images = sorted(p.name for p in (demo_dataset / "images").glob("*.jpg"))[:3]
+    answers = ["今天的天气真不错啊", "猫说它不想上班", "这张图告诉我们要多喝水,少熬夜,早点睡觉"]
+    records = [dict(id=i, image=f"images/{name}", conversations=[
+        {"from": "human", "value": "<image>\n请你根据这张图片,讲一个脑洞大开的梗。"}, {"from": "gpt", "value": a}])
+        for i, (name, a) in enumerate(zip(images, answers))]  # fmt: skip
+    tmp = tmp_path_factory.mktemp("speed")
+    (tmp / "train.json").write_text(json.dumps(records, ensure_ascii=False))
+    dataset = InternVL_V1_5_Dataset(str(tiny_model), PROMPT_TEMPLATE.internlm2_chat, [str(tmp / "train.json")],
+                                    [str(demo_dataset)], max_length=100000)  # fmt: skip
+    batch = default_collate_fn([dataset[i] for i in range(len(records))])["data"]
+    torch.manual_seed(0)
+    lora = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=None, task_type="CAUSAL_LM")
+    model = InternVL_V1_5(str(tiny_model), freeze_llm=True, freeze_visual_encoder=True, llm_lora=lora).float()
+    model.gradient_checkpointing_disable()
+    # non-zero LoRA B so the adapters (and their gradients) take part in the comparison
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model, batch
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(batch)["loss"]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_label_positions_follow_xtuners_shift():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, -100]])
+    index, targets = speed.label_positions(labels)
+    # position t predicts label t+1; flat index into B * N
+    assert index.tolist() == [1, 2, 5] and targets.tolist() == [5, 6, 7]
+
+
+def test_label_only_head_same_loss_and_gradients(xtuner_batch):
+    model, batch = xtuner_batch
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["labels"].numel() // 4  # most positions carry no label
+    assert bool((batch["attention_mask"] == 0).any())  # the batch is padded
+    model.vlmtune_label_only_head = False
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    done = speed.apply(model, dict(label_only_head=True))
+    assert done == {"label_only_head": True}
+    assert model.vlmtune_label_only_head
+    lm = speed.causal_lm(model.model.language_model)
+    seen = []
+    head = lm.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        loss, grads = loss_and_grads(model, batch)
+    finally:
+        handle.remove()
+        model.vlmtune_label_only_head = False
+    assert seen == [(labelled, lm.config.vocab_size)]  # the head ran on the labelled rows only
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (float(loss), float(ref_loss))
+    assert set(grads) == set(ref_grads) and any("lora" in n for n in grads) and any("mlp1" in n for n in grads)
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-7), name
+    # switched off again: the original path (full logits) and the same loss
+    assert torch.allclose(model(batch)["loss"].detach(), ref_loss, rtol=1e-6, atol=0)
+
+
+def test_label_only_head_leaves_other_callers_alone(xtuner_batch):
+    model, batch = xtuner_batch
+    speed.install_label_only_head(type(model))
+    model.vlmtune_label_only_head = True
+    try:
+        lm = speed.causal_lm(model.model.language_model)
+        ids = batch["input_ids"][:1, :12]
+        out = model.model.language_model(input_ids=ids)  # e.g. generation: full logits
+        assert out.logits.shape == (1, 12, lm.config.vocab_size)
+        # without labels XTuner's _llm_forward runs the original path too
+        assert lm.__dict__.get("_vlmtune_positions") is None
+    finally:
+        model.vlmtune_label_only_head = False
+
+
+def test_fused_norm_arithmetic_equals_modules(tiny_model):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(tiny_model), torch_dtype=torch.float32, trust_remote_code=True).eval()
+    layer = model.language_model.model.layers[0]
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, model.config.llm_config.hidden_size)
+    with torch.no_grad():
+        layer.attention_norm.weight.normal_(1, 0.1)
+        ref_norm, ref_mlp = layer.attention_norm(x), layer.feed_forward(x)
+        ref_bf16 = layer.attention_norm(x.bfloat16().float().bfloat16())
+        done = speed.apply_fused_norm(model, compile=False)
+        assert done["rms_norm"] == 2 * len(model.language_model.model.layers) + 1 and done["swiglu"] == len(model.language_model.model.layers)
+        assert torch.equal(layer.attention_norm(x), ref_norm)
+        assert torch.equal(layer.feed_forward(x), ref_mlp)
+        assert torch.equal(layer.attention_norm(x.bfloat16().float().bfloat16()), ref_bf16)
+
+
+def test_4bit_compute_dtype():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float16), torch.nn.Linear(16, 16),
+                                bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float16))  # fmt: skip
+    assert speed.set_4bit_compute_dtype(model, "bfloat16") == 2
+    assert model[0].compute_dtype == torch.bfloat16 and model[2].compute_dtype == torch.bfloat16
+    assert model[0].compute_type_is_set
+    with pytest.raises(ValueError, match="float32"):
+        speed.set_4bit_compute_dtype(model, "float32")
+
+
+def test_kernel_categories():
+    c = speed.kernel_category
+    assert c("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "GEMM"
+    assert c("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "GEMM"
+    assert c("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
+    assert c("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "4-bit dequantize"
+    assert c("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") == "casts/copies"
+    assert c("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert c("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>") == "element-wise"
+
+
+def test_new_keys_render(tiny_model, tmp_path):
+    from vlmtune.xtuner_config import render
+    from vlmtune.xtuner_main import launcher_settings
+
+    (tmp_path / "train.json").write_text(json.dumps([dict(id=i) for i in range(40)]))
+    train = dict(device="cpu", gpus=0, method="lora", max_length=512, batch_size=2, accumulative_counts=1,
+                 max_epochs=1, lr=1e-4, warmup_ratio=0.2, seed=0)  # fmt: skip
+    text, _ = render(tiny_model, tmp_path / "train.json", tmp_path, train)
+    (tmp_path / "stock.py").write_text(text)
+    stock = launcher_settings(str(tmp_path / "stock.py"))
+    assert stock["label_only_head"] is False and stock["qlora_compute_dtype"] == "float16" and stock["fused_norm"] is False
+    text, _ = render(tiny_model, tmp_path / "train.json", tmp_path,
+                     dict(train, label_only_head=True, qlora_compute_dtype="bfloat16", fused_norm=True))  # fmt: skip
+    (tmp_path / "fast.py").write_text(text)
+    fast = launcher_settings(str(tmp_path / "fast.py"))
+    assert fast["label_only_head"] is True and fast["qlora_compute_dtype"] == "bfloat16" and fast["fused_norm"] is True
+
+
+def test_schema_and_overlay_accept_the_keys():
+    from pathlib import Path
+
+    from vlmtune.config import load, validate
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = validate(load(root / "config" / "config.yaml", root / "config" / "gpu-24g.yaml"))
+    t = cfg["train"]
+    assert t["method"] == "qlora" and t["gradient_checkpointing"] is True
+    assert t["label_only_head"] is True and t["qlora_compute_dtype"] == "bfloat16"
+    bad = load(root / "config" / "config.yaml")
+    bad["train"]["qlora_compute_dtype"] = "float32"
+    with pytest.raises(Exception, match="qlora_compute_dtype"):
+        validate(bad)
