@@ -39,11 +39,12 @@ VENV_REQUIREMENTS_lmdeploy := requirements/lmdeploy.txt
 
 # Ends with the step's own check (vlmtune.envcheck): the venv holds the family's pins.
 .SECONDEXPANSION:
-$(VENVS)/%/.installed: $$(VENV_REQUIREMENTS_$$*) requirements/cpu.txt requirements/xtuner-nodeps.txt
+$(VENVS)/%/.installed: $$(VENV_REQUIREMENTS_$$*) requirements/cpu.txt requirements/xtuner-nodeps.txt requirements/lmdeploy-nodeps.txt
 	$(PYTHON) -m venv $(VENVS)/$*
 	$(VENVS)/$*/bin/python -m pip install -q -U pip
 	DS_BUILD_OPS=0 $(VENVS)/$*/bin/python -m pip install -r $(VENV_REQUIREMENTS_$*)
 	$(if $(filter xtuner,$*),$(VENVS)/$*/bin/python -m pip install --no-deps -r requirements/xtuner-nodeps.txt)
+	$(if $(filter lmdeploy,$*),$(VENVS)/$*/bin/python -m pip install --no-deps -r requirements/lmdeploy-nodeps.txt)
 	PYTHONPATH=src $(VENVS)/$*/bin/python -m vlmtune.envcheck $*
 	touch $@
 

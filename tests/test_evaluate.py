@@ -12,7 +12,8 @@ from vlmtune.prompt import SYSTEM_PROMPT
 
 GEN = dict(max_new_tokens=4, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
 FIELDS = {"id", "image", "type", "question", "prompt", "references", "prediction", "prompt_tokens",
-          "completion_tokens", "finish_reason", "engine", "engine_version", "generation", "model"}  # fmt: skip
+          "prompt_ids_digest", "image_tokens", "completion_tokens", "completion_ids", "first_token_margin",
+          "finish_reason", "engine", "engine_backend", "engine_version", "generation", "model"}  # fmt: skip
 
 
 @pytest.fixture()
@@ -51,8 +52,9 @@ def test_missing_image_is_named(tiny_model, tmp_path):
 
 def test_missing_engine_names_the_env_to_use(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lmdeploy", None)  # import lmdeploy -> ImportError
+    (tmp_path / "eval.jsonl").write_text("")
     with pytest.raises(evaluate.EvaluateError, match=r"'lmdeploy'.*envs/lmdeploy\.yaml.*evaluate\.engine: transformers"):
-        evaluate.LMDeployEngine(tmp_path, GEN, 4096, 2)
+        evaluate.generate(tmp_path, tmp_path / "eval.jsonl", tmp_path, "lmdeploy", tmp_path / "p.jsonl", GEN, 2, 4096)
 
 
 def test_bad_inputs_are_named(tmp_path, eval_file):
@@ -67,21 +69,51 @@ def test_bad_inputs_are_named(tmp_path, eval_file):
         evaluate.check_generation(dict(max_new_tokens=1, do_sample=False, temperature=1.0))
 
 
+class FakePromptProcessor:
+    """LMDeploy's own request-side code, as its engines call it: message parsing, InternVL
+    preprocessing (tiles), the chat template it was handed and its tokenizer."""
+
+    def __init__(self, model_path, template):
+        import torch
+        from lmdeploy import Tokenizer
+        from lmdeploy.vl.model.internvl import InternVLVisionModel
+
+        self.vision = InternVLVisionModel(model_path, trust_remote_code=True)
+        self.vision.build_preprocessor()
+        self.vision.set_mm_feature_dtype(torch.float32)
+        self.template, self.tokenizer = template, Tokenizer(model_path, trust_remote_code=True)
+
+    async def get_prompt_input(self, prompt, do_preprocess=True, **kwargs):
+        from lmdeploy.serve.processors.multimodal import MultimodalProcessor
+
+        parsed = self.vision.preprocess(await MultimodalProcessor.async_parse_multimodal_item(prompt))
+        return self.vision.to_pytorch(parsed, self.template, self.tokenizer)
+
+
 class FakePipeline:
-    """Stands in for LMDeploy's GPU pipeline only: records what the engine hands it."""
+    """Stands in for LMDeploy's GPU pipeline only: builds each request's prompt with LMDeploy's
+    own prompt code (as the real engine does), records what the engine hands it, answers."""
 
     calls = []
 
-    def __init__(self, model_path, backend_config=None, chat_template_config=None):
-        self.model_path, self.backend_config = model_path, backend_config
-        self.chat_template = chat_template_config.chat_template
+    def __init__(self, model_path, backend_config=None, chat_template_config=None, trust_remote_code=False):
+        import types
+
+        self.model_path, self.backend_config, self.trust_remote_code = model_path, backend_config, trust_remote_code
+        self.chat_template = chat_template_config.chat_template()
+        processor = FakePromptProcessor(model_path, self.chat_template)
+        self.async_engine = types.SimpleNamespace(prompt_processor=processor)
         FakePipeline.calls.append(self)
 
     def __call__(self, requests, gen_config=None):
+        import asyncio
+
         from lmdeploy.messages import Response
 
         self.requests, self.gen_config = requests, gen_config
-        return [Response(text=f" 回答{i} ", generate_token_len=3, input_token_len=300, finish_reason="stop") for i in range(len(requests))]
+        built = [asyncio.run(self.async_engine.prompt_processor.get_prompt_input(prompt=r, do_preprocess=True)) for r in requests]
+        return [Response(text=f" 回答{i} ", generate_token_len=3, input_token_len=len(b["input_ids"]), finish_reason="stop",
+                         token_ids=[5, 6, 7]) for i, b in enumerate(built)]  # fmt: skip
 
 
 def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(monkeypatch, tiny_model, demo_dataset, eval_file, tmp_path):
@@ -98,19 +130,26 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
     assert n == 2
     pipe = FakePipeline.calls[-1]
     assert pipe.backend_config.session_len == 4096 and pipe.backend_config.max_batch_size == 2
+    assert type(pipe.backend_config).__name__ == "PytorchEngineConfig" and pipe.trust_remote_code
     g = pipe.gen_config
     assert (g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.random_seed) == (4, True, 0.7, 0.9, 5)
     assert pipe.chat_template.meta_instruction == SYSTEM_PROMPT and pipe.chat_template.separator == ""
     content = pipe.requests[0][0]["content"]
-    assert content[0] == dict(type="text", text="请你根据这张图片,讲一个脑洞大开的梗。")
-    assert isinstance(content[1]["image_data"]["data"], Image.Image)
+    # The image first, as training puts <img>...</img> before the question; the training tile limit.
+    assert isinstance(content[0]["image_data"]["data"], Image.Image) and content[0]["image_data"]["max_dynamic_patch"] == json.loads((tiny_model / "config.json").read_text())["max_dynamic_patch"]
+    assert content[1] == dict(type="text", text="请你根据这张图片,讲一个脑洞大开的梗。")
     rows = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
     assert set(rows[0]) == FIELDS
-    assert rows[0]["prediction"] == "回答0" and rows[0]["engine"] == "lmdeploy" and rows[0]["engine_version"] == "0.10.2"
+    assert rows[0]["prediction"] == "回答0" and rows[0]["engine"] == "lmdeploy" and rows[0]["engine_version"] == "0.18.0"
+    assert rows[0]["engine_backend"] == "pytorch" and rows[0]["completion_ids"] == [5, 6, 7]
     assert rows[0]["prompt"] == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*256</img>\n"
                                  "请你根据这张图片,讲一个脑洞大开的梗。<|im_end|><|im_start|>assistant\n")  # fmt: skip
     # The prompt field is the transformers engine's, record for record.
-    engine = evaluate.TransformersEngine(tiny_model, device="cpu")
+    engine = evaluate.TransformersEngine(tiny_model, GEN, device="cpu")
     _, prompts, _ = engine.prepare(evaluate.read_eval(eval_file), demo_dataset)
     assert [r["prompt"] for r in rows] == [evaluate.abbreviate(p) for p in prompts]
+    # ... and so are the token ids LMDeploy built (digest) and its image-token count.
+    trows = [dict(r, id=rec["id"]) for rec, r in zip(evaluate.read_eval(eval_file), engine.generate(evaluate.read_eval(eval_file), demo_dataset))]
+    assert [r["prompt_ids_digest"] for r in rows] == [r["prompt_ids_digest"] for r in trows]
+    assert [r["image_tokens"] for r in rows] == [r["image_tokens"] for r in trows] and rows[1]["image_tokens"] > 256
     assert "<IMG_CONTEXT>*256</img>" not in rows[1]["prompt"]

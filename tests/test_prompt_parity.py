@@ -34,21 +34,23 @@ def xtuner_prompt_ids(model_dir, image_folder, image, question, tmp_path):
 
 
 def lmdeploy_prompt_ids(model_dir, image_path, question, template_config):
-    """Input ids LMDeploy builds for the request the LMDeploy engine sends (no GPU needed)."""
-    from lmdeploy import Tokenizer
-    from lmdeploy.serve.vl_async_engine import VLAsyncEngine
+    """Input ids LMDeploy builds for the request the LMDeploy engine sends (its own message
+    parsing, InternVL preprocessing, template and tokenizer; no GPU needed), and the tile count."""
     from lmdeploy.vl import load_image
-    from lmdeploy.vl.model.internvl import InternVLVisionModel
 
-    from vlmtune.evaluate import lmdeploy_messages
+    from vlmtune.lmdeploy_engine import prompt_ids, tiling
 
-    messages = asyncio.run(VLAsyncEngine.async_convert_to_pil_images(lmdeploy_messages(question, load_image(str(image_path)))))
-    vision = InternVLVisionModel(str(model_dir))
-    vision.build_preprocessor()
-    messages = vision.preprocess(messages)
-    tiles = len(messages[-1]["content"][0]["pixel_values"])
-    out = vision.to_pytorch(messages, template_config.chat_template, Tokenizer(str(model_dir)), sequence_start=True)
-    return out["input_ids"], tiles
+    ids, _ = prompt_ids(model_dir, load_image(str(image_path)), question, template_config)
+    img_ctx = ids.count(TOKENIZER_IMG_CONTEXT[str(model_dir)]) if str(model_dir) in TOKENIZER_IMG_CONTEXT else None
+    if img_ctx is None:
+        from transformers import AutoTokenizer
+
+        TOKENIZER_IMG_CONTEXT[str(model_dir)] = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True).convert_tokens_to_ids("<IMG_CONTEXT>")
+        img_ctx = ids.count(TOKENIZER_IMG_CONTEXT[str(model_dir)])
+    return ids, img_ctx // tiling(model_dir)["tokens_per_tile"]
+
+
+TOKENIZER_IMG_CONTEXT: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +99,25 @@ def test_changed_system_prompt_or_separator_breaks_parity(tiny_model, demo_datas
     assert lmd_ids != train_ids
     assert eval_ids != train_ids
     assert lmd_ids == eval_ids  # both renderers apply the same change the same way
+
+
+def test_a_model_folder_without_internvl2_in_its_name_gets_the_training_template(tiny_model, demo_dataset, tmp_path):
+    """The engine hands LMDeploy the template, so the tutorial's rename trick is not needed: a
+    merged model in `my-finetune/` is prompted exactly as in training. Without the explicit
+    template LMDeploy would pick another one for such a folder (what the trick worked around)."""
+    import shutil
+
+    from lmdeploy.model import get_chat_template
+    from lmdeploy.vl import load_image
+
+    from vlmtune.lmdeploy_engine import prompt_ids
+
+    renamed = tmp_path / "my-finetune"
+    shutil.copytree(tiny_model, renamed)
+    image, question = SAMPLES[0]
+    image_path = demo_dataset / "images" / f"{image}.jpg"
+    assert prompt_ids(renamed, load_image(str(image_path)), question)[0] == prompt_ids(tiny_model, load_image(str(image_path)), question)[0]
+    messages = [dict(role="user", content="<img><IMG_CONTEXT></img>\n" + question)]
+    explicit = get_chat_template(str(renamed), lmdeploy_chat_template()).messages2prompt(messages)
+    assert explicit == training_prompt(question, "<img><IMG_CONTEXT></img>")
+    assert get_chat_template(str(renamed), None).messages2prompt(messages) != explicit

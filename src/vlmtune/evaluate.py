@@ -2,9 +2,12 @@
 teacher-forced loss of every reference answer (reference NLL, for perplexity and preferences).
 
 Engines: ``transformers`` (CPU or GPU; the model's remote code, batched, left-padded) and
-``lmdeploy`` (GPUs; its batch pipeline). Both write the same ``predictions.jsonl`` fields:
-id, image, type, question, prompt (as sent, image tokens abbreviated), references, prediction,
-token counts, finish reason, engine and version, generation config, model folder.
+``lmdeploy`` (GPUs; its batch pipeline, ``vlmtune.lmdeploy_engine``). Both write the same
+``predictions.jsonl`` fields: id, image, type, question, prompt (as sent, image tokens
+abbreviated), a digest of the prompt token ids (equal across engines when the prompts are),
+image tokens, references, prediction, generated token ids and counts, finish reason, engine and
+version, generation config, model folder. The transformers engine adds the logit margin of its
+first generated token over the runner-up (how clear the greedy choice was).
 
     python -m vlmtune.evaluate generate --model results/merged/InternVL2-2B-my \
         --eval results/converted/x/eval.jsonl --image-folder data/datasets/x \
@@ -24,8 +27,9 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_file
+from .lmdeploy_engine import ids_digest
 from .provenance import write_for_evaluation
-from .prompt import IMG_CONTEXT, STOP_WORDS, image_tokens, lmdeploy_chat_template, training_prompt, user_text
+from .prompt import IMG_CONTEXT, STOP_WORDS, image_tokens, training_prompt
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
@@ -145,18 +149,27 @@ class TransformersEngine:
                 pixel_values=torch.cat(pixels).to(self.device, self.dtype),
                 input_ids=enc.input_ids.to(self.device),
                 attention_mask=enc.attention_mask.to(self.device),
+                output_scores=True,
+                return_dict_in_generate=True,
                 **kwargs,
             )
         # The remote code's generate (inputs_embeds) returns only the new tokens.
+        top2 = out.scores[0].float().topk(2, dim=-1).values
+        img_ctx = self.model.img_context_token_id
         results = []
         for i in range(len(batch)):
-            ids = out[i].tolist()
+            prompt_ids = enc.input_ids[i][enc.attention_mask[i].bool()].tolist()
+            ids = out.sequences[i].tolist()
             stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+            kept = ids[: stop + 1] if stop is not None else ids
             ids = [t for t in ids[:stop] if t != self.tokenizer.pad_token_id]
             results.append(dict(prompt=abbreviate(prompts[i]),
                                 prediction=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                prompt_tokens=int(enc.attention_mask[i].sum()), completion_tokens=len(ids),
-                                finish_reason="stop" if stop is not None else "length"))  # fmt: skip
+                                prompt_tokens=len(prompt_ids), prompt_ids_digest=ids_digest(prompt_ids),
+                                image_tokens=prompt_ids.count(img_ctx), completion_tokens=len(ids),
+                                completion_ids=[t for t in kept if t != self.tokenizer.pad_token_id],
+                                first_token_margin=round(float(top2[i, 0] - top2[i, 1]), 4),
+                                finish_reason="stop" if stop is not None else "length", engine_backend=None))  # fmt: skip
         return results
 
     def reference_nll(self, rec: dict, image_folder: Path) -> list[dict]:
@@ -180,60 +193,16 @@ class TransformersEngine:
         return out
 
 
-def lmdeploy_messages(question: str, image) -> list[dict]:
-    """One request in LMDeploy's GPT-4V message format: the question text and the image (PIL).
-    LMDeploy's InternVL code puts ``<img>{image}</img>\\n`` before the text, as XTuner does."""
-    return [dict(role="user", content=[dict(type="text", text=user_text(question)),
-                                       dict(type="image_data", image_data=dict(data=image))])]  # fmt: skip
-
-
-class LMDeployEngine:
-    name = "lmdeploy"
-
-    def __init__(self, model_dir: Path, gen: dict, session_len: int, batch_size: int):
-        require("lmdeploy", self.name)
-        from lmdeploy import GenerationConfig, TurbomindEngineConfig, pipeline
-
-        self.template = lmdeploy_chat_template()
-        self.pipe = pipeline(
-            str(model_dir),
-            backend_config=TurbomindEngineConfig(session_len=session_len, max_batch_size=batch_size),
-            chat_template_config=self.template,
-        )
-        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-        vision = cfg["vision_config"]
-        # As LMDeploy's InternVL preprocessing reads them (tiles of vision_config.image_size).
-        self.tiling = (cfg["min_dynamic_patch"], cfg["max_dynamic_patch"], vision["image_size"], cfg["use_thumbnail"])
-        self.tokens_per_tile = int((cfg["force_image_size"] // vision["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2)
-        self.gen_config = GenerationConfig(max_new_tokens=gen["max_new_tokens"], do_sample=gen["do_sample"],
-                                           top_p=gen["top_p"], temperature=gen["temperature"],
-                                           random_seed=gen["seed"])  # fmt: skip
-        self.version = importlib.metadata.version("lmdeploy")
-
-    def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
-        from lmdeploy.vl import load_image
-        from lmdeploy.vl.model.internvl import InternVLVisionModel, dynamic_preprocess
-
-        requests = [lmdeploy_messages(rec["question"], load_image(str(Path(image_folder) / rec["image"]))) for rec in batch]
-        responses = self.pipe(requests, gen_config=self.gen_config)
-        results = []
-        for req, r in zip(requests, responses):
-            # The text LMDeploy renders (its own code, on the messages as its image loading leaves
-            # them: image_data -> image), image tokens abbreviated as the transformers engine does.
-            image = req[0]["content"][1]["image_data"]["data"]
-            loaded = [dict(m, content=[dict(type="image", image=image) if c["type"] == "image_data" else c
-                                       for c in m["content"]]) for m in req]  # fmt: skip
-            prompt, placeholder = InternVLVisionModel.proc_messages(loaded, self.pipe.chat_template, True)
-            tiles = len(dynamic_preprocess(image.convert("RGB"), *self.tiling))
-            prompt = prompt.replace(placeholder, f"{IMG_CONTEXT}*{tiles * self.tokens_per_tile}")
-            results.append(dict(prompt=prompt, prediction=r.text.strip(),
-                                prompt_tokens=r.input_token_len, completion_tokens=r.generate_token_len,
-                                finish_reason=r.finish_reason))  # fmt: skip
-        return results
-
-
 def generate(model: Path, eval_path: Path, image_folder: Path, engine: str, out: Path, gen: dict,
-             batch_size: int = 8, session_len: int = 8192, max_records: int | None = None) -> int:  # fmt: skip
+             batch_size: int = 8, session_len: int = 8192, max_records: int | None = None,
+             lmdeploy_backend: str = "pytorch") -> int:  # fmt: skip
+    """Answer the held-out records with ``engine`` and write ``predictions.jsonl`` (atomically).
+
+    Prints the generation throughput (prompts/s, model loading excluded). Raises EvaluateError
+    for a missing engine, image or record key.
+    """
+    import time
+
     from tqdm import tqdm
 
     gen = check_generation(gen)
@@ -241,20 +210,35 @@ def generate(model: Path, eval_path: Path, image_folder: Path, engine: str, out:
     if engine == "transformers":
         runner = TransformersEngine(model, gen)
     elif engine == "lmdeploy":
-        runner = LMDeployEngine(model, gen, session_len, batch_size)
+        require("lmdeploy", engine)
+        from .lmdeploy_engine import LMDeployEngine, LMDeployError
+
+        try:
+            runner = LMDeployEngine(model, gen, session_len, batch_size, lmdeploy_backend)
+        except LMDeployError as exc:
+            raise EvaluateError(str(exc)) from None
     else:
         raise EvaluateError(f"evaluate: unknown engine {engine!r}; choose lmdeploy or transformers")
+    started = time.perf_counter()
     # tqdm writes to stderr, which the rule sends to the log.
     with atomic_file(out) as fh, tqdm(total=len(records), desc=f"generate ({engine})", unit="prompt",
                                       mininterval=5, file=sys.stderr) as bar:  # fmt: skip
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
+        # LMDeploy schedules its own batches (continuous batching up to batch_size): hand it
+        # many requests at once; the transformers engine pads and runs batch_size at a time.
+        chunk = batch_size if engine == "transformers" else max(batch_size, 256)
+        for start in range(0, len(records), chunk):
+            batch = records[start : start + chunk]
             for rec, res in zip(batch, runner.generate(batch, Path(image_folder)), strict=True):
                 row = dict(id=rec["id"], image=rec["image"], type=rec.get("type"), question=rec["question"],
                            references=rec["references"], **res, engine=engine, engine_version=runner.version,
                            generation=gen, model=str(model))  # fmt: skip
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(len(batch))
+    elapsed = time.perf_counter() - started
+    print(f"[vlmtune.evaluate] generation: {len(records)} prompts in {elapsed:.2f} s = "
+          f"{len(records) / max(elapsed, 1e-9):.2f} prompts/s ({engine}, batch {batch_size}, model loading excluded)")  # fmt: skip
+    if hasattr(runner, "close"):
+        runner.close()
     return len(records)
 
 
@@ -286,11 +270,12 @@ def main(argv=None) -> None:
             p.add_argument("--generation", required=True, help="JSON: " + ", ".join(GENERATION_KEYS))
             p.add_argument("--batch-size", type=int, default=8)
             p.add_argument("--session-len", type=int, default=8192)
+            p.add_argument("--lmdeploy-backend", choices=["pytorch", "turbomind"], default="pytorch")
     a = ap.parse_args(argv)
     try:
         if a.task == "generate":
             n = generate(a.model, a.eval, a.image_folder, a.engine, a.out, json.loads(a.generation),
-                         a.batch_size, a.session_len, a.max_records)  # fmt: skip
+                         a.batch_size, a.session_len, a.max_records, a.lmdeploy_backend)  # fmt: skip
         else:
             n = reference_nll(a.model, a.eval, a.image_folder, a.out, a.max_records)
     except EvaluateError as exc:

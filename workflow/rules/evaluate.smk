@@ -26,6 +26,7 @@ rule evaluate:
     params:
         code=code_hash("evaluate"),
         engine=EVAL["engine"],
+        lmdeploy_backend=EVAL.get("lmdeploy_backend", "pytorch"),
         generation=json.dumps(GENERATION, sort_keys=True),
         batch_size=EVAL.get("batch_size", 8),
         session_len=EVAL.get("session_len", 8192),
@@ -48,7 +49,7 @@ rule evaluate:
         runtime=EVAL.get("runtime", 60),
     shell:
         "python_evaluate -m vlmtune.evaluate generate --model {input.model} --eval {input.eval}"
-        " --image-folder {input.images} --engine {params.engine}"
+        " --image-folder {input.images} --engine {params.engine} --lmdeploy-backend {params.lmdeploy_backend}"
         " --generation {params.generation:q} --batch-size {params.batch_size}"
         " --session-len {params.session_len} {params.max_records} --out {output.predictions} > {log} 2>&1"
 

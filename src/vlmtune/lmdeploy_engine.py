@@ -1,0 +1,171 @@
+"""Batch generation with LMDeploy (0.18), sending exactly the training prompt and tiles.
+
+LMDeploy builds the prompt from OpenAI-style messages with the chat template it is handed and
+tiles each image with its own copy of InternVL's ``dynamic_preprocess``. Three things keep that
+identical to what XTuner trained on (docs/lmdeploy.md):
+
+- the chat template is passed explicitly (:func:`vlmtune.prompt.lmdeploy_chat_template`), so
+  neither the model folder's name nor the tokenizer's own template decides it;
+- the image item comes before the question text: LMDeploy's InternVL code writes the items in
+  message order, and training puts ``<img>…</img>\\n`` first;
+- the tile settings are the model's ``config.json`` ones, which XTuner reads too, and the tile
+  size LMDeploy uses (``vision_config.image_size``) must equal ``force_image_size``.
+
+:class:`LMDeployEngine` records, per request, the prompt text and token ids that LMDeploy's
+engine really feeds its LLM (read where its request path builds them), so predictions can be
+compared token for token with the transformers engine and with training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+from .prompt import IMG_CONTEXT, lmdeploy_chat_template, user_text
+
+BACKENDS = ("pytorch", "turbomind")
+
+
+class LMDeployError(Exception):
+    pass
+
+
+def ids_digest(ids) -> str:
+    """A short, engine-independent fingerprint of a token id sequence."""
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:16]
+
+
+def tiling(model_dir: Path) -> dict:
+    """The tile settings XTuner trains with (the model's config.json), checked against the tile
+    size LMDeploy's InternVL preprocessing uses."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    vision = cfg["vision_config"]
+    if vision["image_size"] != cfg["force_image_size"]:
+        raise LMDeployError(
+            f"{model_dir}/config.json: vision_config.image_size {vision['image_size']} differs from "
+            f"force_image_size {cfg['force_image_size']}: LMDeploy would tile images unlike training"
+        )
+    return dict(
+        min_tiles=cfg["min_dynamic_patch"],
+        max_tiles=cfg["max_dynamic_patch"],
+        tile_size=cfg["force_image_size"],
+        thumbnail=cfg["use_thumbnail"],
+        tokens_per_tile=int((cfg["force_image_size"] // vision["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2),
+    )
+
+
+def messages(question: str, image, max_tiles: int) -> list[dict]:
+    """One request in LMDeploy's message format: the image (PIL) first, then the question as
+    XTuner keeps it; ``max_dynamic_patch`` pins the tile limit to the training one."""
+    image_item = dict(type="image_data", image_data=dict(data=image, max_dynamic_patch=max_tiles))
+    return [dict(role="user", content=[image_item, dict(type="text", text=user_text(question))])]
+
+
+def _image_of(request) -> object | None:
+    for message in request if isinstance(request, list) else [request]:
+        for item in message.get("content", []) if isinstance(message.get("content"), list) else []:
+            if item.get("type") == "image_data":
+                return item["image_data"]["data"]
+    return None
+
+
+def prompt_ids(model_dir: Path, image, question: str, template_config=None) -> tuple[list[int], str]:
+    """Token ids and text LMDeploy's own request code builds for one question and image, without
+    a GPU: its message parsing, InternVL preprocessing, chat template and tokenizer, as the
+    PyTorch engine's request path runs them. For tests and the GPU benchmark's cross-check."""
+    import torch
+    from lmdeploy import Tokenizer
+    from lmdeploy.serve.processors.multimodal import MultimodalProcessor
+    from lmdeploy.vl.model.internvl import InternVLVisionModel
+
+    settings = tiling(model_dir)
+    parsed = asyncio.run(MultimodalProcessor.async_parse_multimodal_item(messages(question, image, settings["max_tiles"])))
+    vision = InternVLVisionModel(str(model_dir), trust_remote_code=True)
+    vision.build_preprocessor()
+    vision.set_mm_feature_dtype(torch.float32)
+    parsed = vision.preprocess(parsed)
+    template = (template_config or lmdeploy_chat_template()).chat_template()
+    out = vision.to_pytorch(parsed, template, Tokenizer(str(model_dir), trust_remote_code=True))
+    return list(out["input_ids"]), out["prompt"]
+
+
+class LMDeployEngine:
+    """LMDeploy's batch pipeline (PyTorch or TurboMind back end) over the held-out records."""
+
+    name = "lmdeploy"
+
+    def __init__(self, model_dir: Path, gen: dict, session_len: int, batch_size: int, backend: str = "pytorch"):
+        from lmdeploy import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
+
+        if backend not in BACKENDS:
+            raise LMDeployError(f"evaluate: unknown LMDeploy back end {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.tiling = tiling(model_dir)
+        engine_config = (PytorchEngineConfig if backend == "pytorch" else TurbomindEngineConfig)(
+            session_len=session_len, max_batch_size=batch_size
+        )
+        # trust_remote_code: InternVL2's config and tokenizer are remote code (0.18 defaults to
+        # False and then fails on the config); the template is the training one, never guessed.
+        self.pipe = pipeline(str(model_dir), backend_config=engine_config,
+                             chat_template_config=lmdeploy_chat_template(), trust_remote_code=True)  # fmt: skip
+        self.gen_config = GenerationConfig(max_new_tokens=gen["max_new_tokens"], do_sample=gen["do_sample"],
+                                           top_p=gen["top_p"], temperature=gen["temperature"],
+                                           random_seed=gen["seed"])  # fmt: skip
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
+        self.img_context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        self.backend = backend
+        self.version = importlib.metadata.version("lmdeploy")
+        self.fed: dict[int, tuple[str, list[int]]] = {}
+        self._record_fed_prompts()
+
+    def _record_fed_prompts(self) -> None:
+        """Wrap the engine's prompt builder: every request's prompt text and ids, keyed by its image."""
+        processor = self.pipe.async_engine.prompt_processor
+        build = processor.get_prompt_input
+
+        async def recording(*args, **kwargs):
+            built = await build(*args, **kwargs)
+            request = kwargs.get("prompt", args[0] if args else None)
+            image = _image_of(request)
+            if image is not None and isinstance(built, dict) and built.get("input_ids") is not None:
+                self.fed[id(image)] = (built.get("prompt") or "", [int(t) for t in built["input_ids"]])
+            return built
+
+        processor.get_prompt_input = recording
+
+    def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
+        from PIL import Image
+
+        images = []
+        for rec in batch:
+            path = Path(image_folder) / rec["image"]
+            if not path.is_file():
+                raise LMDeployError(f"evaluate: image {path} does not exist")
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        requests = [messages(rec["question"], img, self.tiling["max_tiles"]) for rec, img in zip(batch, images)]
+        self.fed.clear()
+        responses = self.pipe(requests, gen_config=self.gen_config)
+        results = []
+        for img, r in zip(images, responses):
+            prompt, ids = self.fed.get(id(img), ("", []))
+            if not ids:
+                raise LMDeployError("evaluate: LMDeploy built no prompt ids for a request (its request path changed?)")
+            n_image_tokens = ids.count(self.img_context_id)
+            results.append(dict(
+                prompt=prompt.replace(IMG_CONTEXT, f"{IMG_CONTEXT}*{n_image_tokens}", 1) if n_image_tokens else prompt,
+                prediction=r.text.strip(), prompt_tokens=len(ids), prompt_ids_digest=ids_digest(ids),
+                image_tokens=n_image_tokens, completion_tokens=r.generate_token_len,
+                completion_ids=[int(t) for t in (r.token_ids or [])], first_token_margin=None,
+                finish_reason=r.finish_reason, engine_backend=self.backend,
+            ))  # fmt: skip
+        return results
+
+    def close(self) -> None:
+        close = getattr(self.pipe, "close", None)
+        if close:
+            close()
