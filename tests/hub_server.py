@@ -186,6 +186,10 @@ class HubServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self._deliver(method, name, body, fault)
+
+            def _deliver(self, method, name, body, fault):
+                """The body after the headers, with a drop, stall or corruption fault applied."""
                 if method == "HEAD":
                     return
                 if fault is not None and fault.kind in ("drop", "stall"):
@@ -217,3 +221,12 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def refused_url() -> str:
+    """The URL of a loopback port nobody listens on: connection refused, as without network."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"

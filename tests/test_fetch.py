@@ -81,7 +81,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub_server import HubServer, Repo, wait_for
+from hub_server import HubServer, Repo, refused_url, wait_for
 
 from vlmtune.fetch import RetryPolicy
 
@@ -142,7 +142,7 @@ def test_interrupted_download_resumes_without_refetching(hub, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "vlmtune.fetch", "model", "--source", "huggingface",
                              "--repo-id", MODEL_ID, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    partial = lambda: list(hub.cache.rglob("*.incomplete"))  # noqa: E731
+    partial = lambda: list(hub.cache.rglob("*.incomplete"))
     try:
         assert wait_for(lambda: partial() and partial()[0].stat().st_size >= CHUNK, timeout=60)
     finally:
@@ -210,12 +210,7 @@ def test_corrupted_download_is_detected_and_refetched(hub, tmp_path, capsys):
 
 
 def test_no_network_fails_at_once(hub, tmp_path, monkeypatch):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_ENDPOINT", refused_url())
     with pytest.raises(FetchError) as err:
         fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main",
               policy=RetryPolicy(attempts=5, base_delay=30), cache_dir=str(hub.cache))  # fmt: skip
@@ -239,3 +234,69 @@ def test_credentials_in_a_mirror_url_are_dropped_from_what_is_recorded(monkeypat
     assert public_endpoint() == "https://mirror.example.org:8443/hf"
     monkeypatch.delenv("HF_ENDPOINT")
     assert public_endpoint() == "https://huggingface.co"
+
+
+# --- Extraction limits: a zip bomb stops the fetch naming the entry and the limit, before it
+# writes past the cap; a genuine archive (JPEGs barely compress) passes the defaults.
+
+from vlmtune.fetch import ExtractLimits
+
+
+def bomb(path, entries: dict[str, int]) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, size in entries.items():
+            zf.writestr(name, b"\0" * size)
+
+
+def test_a_high_ratio_entry_is_refused_before_extraction(tmp_path):
+    bomb(tmp_path / "images.zip", {"images/a.jpg": 1000, "images/bomb.jpg": 64 * 2**20})
+    with pytest.raises(FetchError, match=r"'images/bomb.jpg' unpacks 67,108,864 bytes .*extraction.max_ratio"):
+        safe_extract(tmp_path / "images.zip", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").rglob("*.jpg"))
+
+
+def test_the_total_size_cap_names_the_entry_that_crosses_it(tmp_path):
+    bomb(tmp_path / "images.zip", {f"images/{i}.jpg": 2**20 for i in range(4)})
+    limits = ExtractLimits(max_bytes=3 * 2**20 + 10, max_ratio=10**6)
+    with pytest.raises(FetchError, match=r"'images/3.jpg' takes the unpacked size to 4,194,304 bytes, over the "
+                                         r"limit of 3,145,738 \(extraction.max_bytes\)"):  # fmt: skip
+        safe_extract(tmp_path / "images.zip", tmp_path / "dest", limits)
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").rglob("*.jpg"))
+
+
+def test_a_lying_header_is_stopped_while_inflating(tmp_path):
+    """Declared sizes can lie (here: 1 KiB declared, 8 MiB of data): the fetch fails without
+    writing past the cap (the inflated bytes are also counted while writing)."""
+    bomb(tmp_path / "images.zip", {"images/liar.jpg": 8 * 2**20})
+    raw = bytearray((tmp_path / "images.zip").read_bytes())
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # uncompressed size in both headers
+        at = raw.index(sig) + off
+        raw[at : at + 4] = (1024).to_bytes(4, "little")
+    (tmp_path / "images.zip").write_bytes(bytes(raw))
+    limits = ExtractLimits(max_bytes=2 * 2**20, max_ratio=10**6)
+    with pytest.raises(FetchError) as err:
+        safe_extract(tmp_path / "images.zip", tmp_path / "dest", limits)
+    written = sum(p.stat().st_size for p in (tmp_path / "dest").rglob("*") if p.is_file())
+    # zipfile itself reads no more than the declared size and then fails the CRC: nothing past the cap.
+    assert written <= 2 * 2**20 and "images.zip" in str(err.value)
+
+
+def test_a_zip_bomb_stops_the_fetch_cli_and_leaves_no_output(demo_dataset, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(demo_dataset / "cn.jsonl", src / "cn.jsonl")
+    bomb(src / "images.zip", {"images/demo000.jpg": 32 * 2**20})
+    run = subprocess.run([sys.executable, "-m", "vlmtune.fetch", "dataset", "--source", "local", "--path", str(src),
+                          "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True)  # fmt: skip
+    assert run.returncode != 0 and "images/demo000.jpg" in run.stderr and "extraction.max_ratio" in run.stderr
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    ok = subprocess.run([sys.executable, "-m", "vlmtune.fetch", "dataset", "--source", "local", "--path", str(src),
+                         "--max-extract-ratio", "2000", "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0 and (tmp_path / "out" / "images" / "demo000.jpg").stat().st_size == 32 * 2**20
+
+
+def test_real_images_pass_the_default_limits(demo_dataset, tmp_path):
+    with zipfile.ZipFile(tmp_path / "images.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for jpg in sorted((demo_dataset / "images").iterdir()):
+            zf.write(jpg, f"images/{jpg.name}")
+    assert safe_extract(tmp_path / "images.zip", tmp_path / "dest") == 13

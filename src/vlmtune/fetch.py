@@ -25,6 +25,7 @@ folder is then filled from the cache by hard links (copies across file systems).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import random
@@ -101,6 +102,8 @@ def classify(exc: BaseException) -> tuple[bool, str]:
         (hub.OfflineModeIsEnabled, "offline mode is on (HF_HUB_OFFLINE)"),
     ]
     for e in causes:
+        if getattr(e, "verdict", None):  # set where the error was raised (vlmtune's ModelScope listing)
+            return False, e.verdict
         for kind, why in verdicts:
             if isinstance(e, kind):
                 return False, why
@@ -125,12 +128,12 @@ def classify(exc: BaseException) -> tuple[bool, str]:
     return False, f"{type(exc).__name__}: {exc}"
 
 
-def public_endpoint() -> str:
-    """HF_ENDPOINT as it may be written to logs and manifests: a mirror URL can carry
-    credentials (https://user:token@host), which are dropped."""
+def public_endpoint(endpoint: str | None = None) -> str:
+    """An endpoint (default HF_ENDPOINT) as it may be written to logs and manifests: a mirror URL
+    can carry credentials (https://user:token@host), which are dropped."""
     from urllib.parse import urlsplit, urlunsplit
 
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urlsplit(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host = url.hostname or ""
     netloc = host + (f":{url.port}" if url.port else "")
     return urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
@@ -138,7 +141,7 @@ def public_endpoint() -> str:
 
 def _hub_help(kind: str, repo_id: str, revision: str, source: str, exc: Exception, why: str = "",
               attempts: int = 1, cache: str | None = None) -> FetchError:  # fmt: skip
-    where = public_endpoint() if source == "huggingface" else "modelscope.cn"
+    where = public_endpoint() if source == "huggingface" else public_endpoint(modelscope_endpoint())
     head = f"could not fetch {kind} {repo_id}@{revision} from {where}: {why or type(exc).__name__}"
     if attempts > 1:
         head += f" (gave up after {attempts} attempts)"
@@ -147,13 +150,16 @@ def _hub_help(kind: str, repo_id: str, revision: str, source: str, exc: Exceptio
         tips.append("gated or private? accept its licence on the hub page, then export HF_TOKEN=... "
                     "(never put it in the config)")  # fmt: skip
     if "revision" in why:
-        tips.append(f"check {kind}.revision: a branch, a tag or a 40-character commit of {repo_id}")
+        tips.append(f"check {kind}.revision: a branch, a tag or a 40-character commit of {repo_id}"
+                    if source == "huggingface" else
+                    f"check {kind}.revision: a branch or tag of {repo_id} (ModelScope's default branch is master)")  # fmt: skip
     if "not found" in why:
         tips.append(f"check {kind}.repo_id ({repo_id}) and that the repository is a {kind}")
     if attempts > 1:
         tips.append("the hub is failing right now: rerun later; completed files and the partial one stay "
                     f"in the hub cache{f' ({cache})' if cache else ''} and the download resumes there")  # fmt: skip
-    tips += ["no network? use a mirror (export HF_ENDPOINT=https://hf-mirror.com), or",
+    tips += ["no network? use a mirror (export HF_ENDPOINT=https://hf-mirror.com), or" if source == "huggingface"
+             else "no network? set MODELSCOPE_DOMAIN to a reachable ModelScope host, or use source: huggingface, or",
              f"download it elsewhere and set {kind}.source: local and {kind}.path: /path/to/folder"]  # fmt: skip
     err = FetchError(f"{head}\n  last error: {type(exc).__name__}: {str(exc).strip()[:500]}\n  - "
                      + "\n  - ".join(tips))  # fmt: skip
@@ -264,7 +270,7 @@ def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str]
         s = siblings[name]
         blob = storage / "blobs" / (s.lfs.sha256 if s.lfs else s.blob_id or "?")
 
-        def download_and_check():
+        def download_and_check(name=name, s=s, blob=blob):
             with Progress(name, s.size or 0, blob.with_name(blob.name + ".incomplete"), progress_interval):
                 path = Path(hf_hub_download(repo_id, name, repo_type=repo_type, revision=commit,
                                             cache_dir=str(cache), endpoint=endpoint))  # fmt: skip
@@ -272,7 +278,7 @@ def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str]
 
         print(f"[{i}/{len(wanted)}] {name} ({(s.size or 0) / 1e6:.1f} MB)", flush=True)
         try:
-            (path, entry), _ = with_retries(f"{repo_id}@{revision}: {name}", download_and_check, policy)
+            (_path, entry), _ = with_retries(f"{repo_id}@{revision}: {name}", download_and_check, policy)
         except Exception as exc:
             raise fail(exc, policy.attempts if isinstance(exc, FetchError) else None) from exc
         checked[name] = entry
@@ -299,18 +305,156 @@ def verify_hub_hash(path: Path, sibling) -> dict:
     return {"sha256": digest, "hub_check": check}
 
 
-def from_modelscope(kind: str, repo_id: str, revision: str, patterns: list[str] | None) -> tuple[Path, str]:
+def modelscope_endpoint() -> str:
+    """The ModelScope endpoint: ``MODELSCOPE_DOMAIN`` (the client's own variable: a host name,
+    reached over https) or, when it holds a scheme, that URL as is (a mirror, a test server)."""
+    domain = (os.environ.get("MODELSCOPE_DOMAIN") or "www.modelscope.cn").rstrip("/")
+    return domain if "://" in domain else f"https://{domain}"
+
+
+def _modelscope_listing(api, kind: str, repo_id: str, revision: str) -> tuple[list[dict], str | None]:
+    """(the repository's files at ``revision``, the commit when the hub says it), through the
+    modelscope client's own API calls."""
+    from modelscope.hub.errors import NotExistError, RequestError
+
+    if kind == "model":
+        try:
+            detail = api.get_valid_revision_detail(repo_id, revision=revision)
+        except NotExistError as exc:
+            exc.verdict = "revision not found"
+            raise
+        files = api.get_model_files(repo_id, revision=detail["Revision"], recursive=True)
+        commit = detail.get("CommitId")
+    else:
+        owner, name = repo_id.split("/", 1)
+        try:
+            api.get_dataset_id_and_type(dataset_name=name, namespace=owner)
+        except RequestError as exc:
+            exc.verdict = "repository not found"
+            raise
+        files, page = [], 1
+        while True:
+            try:  # the repository exists (above): a refusal here is the revision's
+                tree = api.list_repo_tree(dataset_name=name, namespace=owner, revision=revision, root_path="/",
+                                          recursive=True, page_number=page, page_size=150)  # fmt: skip
+            except RequestError as exc:
+                exc.verdict = "revision not found"
+                raise
+            files += tree["Data"]["Files"]
+            if len(tree["Data"]["Files"]) < 150:
+                break
+            page += 1
+        commit = None
+    files = [f for f in files if f.get("Type") != "tree"]
+    commits = {f.get("Revision") for f in files}
+    return files, commit or (commits.pop() if len(commits) == 1 else None)
+
+
+def _stream(url: str, part: Path, size: int, cookies=None) -> None:
+    """Append the bytes of ``url`` missing from ``part`` (``Range``), flushing each chunk so an
+    interrupted job leaves them on disk."""
+    import requests
+
+    start = part.stat().st_size if part.exists() else 0
+    if start > size:
+        part.unlink()
+        start = 0
+    if start == size:
+        return
+    headers = {"Range": f"bytes={start}-"} if start else {}
+    with requests.get(url, headers=headers, cookies=cookies, stream=True, timeout=(10, 60)) as r:
+        r.raise_for_status()
+        mode = "ab" if start and r.status_code == 206 else "wb"
+        with open(part, mode) as fh:
+            for chunk in r.iter_content(1 << 20):
+                fh.write(chunk)
+                fh.flush()
+    if part.stat().st_size != size:
+        raise requests.exceptions.ChunkedEncodingError(f"got {part.stat().st_size} of {size} bytes")
+
+
+def _modelscope_blob(url: str, blob: Path, name: str, size: int, expected: str | None, cookies,
+                     progress_interval: float) -> dict:
+    """One ModelScope file into ``blob`` (resuming ``<blob>.incomplete``), checked against the
+    listing's sha256 when it gives one; a mismatch discards the partial copy (a retry refetches)."""
+    part = blob.with_name(blob.name + ".incomplete")
+    if not blob.is_file():
+        with Progress(name, size, part, progress_interval):
+            _stream(url, part, size, cookies)
+        if expected:
+            actual = sha256(part)
+            if actual != expected:
+                part.unlink()
+                raise HashMismatch(f"{name}: sha256 {actual} differs from ModelScope's {expected}; "
+                                   "the partial copy was discarded")  # fmt: skip
+        os.replace(part, blob)
+    return {"sha256": expected or sha256(blob), "hub_check": "modelscope_sha256" if expected else None}
+
+
+def from_modelscope(kind: str, repo_id: str, revision: str, patterns: list[str] | None,
+                    policy: RetryPolicy | None = None, cache_dir: str | None = None,
+                    progress_interval: float = 10.0) -> tuple[Path, str | None, dict]:  # fmt: skip
+    """Download the wanted files of ``repo_id@revision`` from ModelScope: the file list through
+    the ``modelscope`` client's API (revision checked by the client: a branch or tag), each file
+    by the client's download URL into ``<cache>/vlmtune/<kind>s/<repo>/blobs`` with the project's
+    retries, ``Range`` resume of a partial file and the check against the ``Sha256`` the listing
+    gives. (The client's own ``snapshot_download`` ignores a file that fails in its download
+    threads and retries a 404 for half a minute, so it is not used.) Returns (snapshot folder,
+    commit or None, {file: {"sha256", "hub_check"}})."""
+    import fnmatch
+    from urllib.parse import quote_plus
+
     try:
-        if kind == "dataset":
-            from modelscope.hub.snapshot_download import dataset_snapshot_download as download
-        else:
-            from modelscope.hub.snapshot_download import snapshot_download as download
-        path = download(repo_id, revision=revision, allow_patterns=patterns)
+        from modelscope.hub.api import HubApi, ModelScopeConfig
     except ImportError as exc:
         raise FetchError("modelscope is not installed: use envs/data.yaml or `make venv`") from exc
+    policy = policy or RetryPolicy()
+    endpoint = modelscope_endpoint()
+    cache = Path(cache_dir or os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
+    storage = cache / "vlmtune" / f"{kind}s" / repo_id
+    api = HubApi(endpoint=endpoint, max_retries=0)  # one retry layer: ours
+
+    def fail(exc, attempts=None):
+        why = getattr(exc, "why", None) or classify(exc)[1]
+        if why == "HTTP 404" and not checked:
+            why = "repository not found (404)"
+        return _hub_help(kind, repo_id, revision, "modelscope", exc, why,
+                         attempts or getattr(exc, "attempts", 1), str(cache))  # fmt: skip
+
+    checked: dict[str, dict] = {}
+    try:
+        (files, commit), _ = with_retries(f"{repo_id}@{revision}: file list",
+                                          lambda: _modelscope_listing(api, kind, repo_id, revision), policy)  # fmt: skip
     except Exception as exc:
-        raise _hub_help(kind, repo_id, revision, "modelscope", exc) from exc
-    return Path(path), revision
+        raise fail(exc) from exc
+    wanted = sorted((f for f in files if patterns is None or any(fnmatch.fnmatch(f["Path"], p) for p in patterns)),
+                    key=lambda f: f["Path"])  # fmt: skip
+    print(f"{repo_id}@{revision} (ModelScope{f', commit {commit}' if commit else ''}): {len(wanted)} files, "
+          f"{sum(f.get('Size') or 0 for f in wanted) / 1e6:.1f} MB", flush=True)  # fmt: skip
+    cookies = ModelScopeConfig.get_cookies()
+    snapshot = storage / "snapshots" / hashlib.sha256(f"{revision}\0{commit}".encode()).hexdigest()[:16]
+    shutil.rmtree(snapshot, ignore_errors=True)
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(wanted, 1):
+        name, size, expected = f["Path"], int(f.get("Size") or 0), f.get("Sha256")
+        key = expected or hashlib.sha256(f"{revision}\0{commit}\0{name}\0{size}".encode()).hexdigest()
+        blob = storage / "blobs" / key
+        if kind == "model":
+            url = f"{endpoint}/api/v1/models/{repo_id}/repo?Revision={quote_plus(revision)}&FilePath={quote_plus(name)}"
+        else:
+            owner, ds = repo_id.split("/", 1)
+            url = api.get_dataset_file_url(file_name=name, dataset_name=ds, namespace=owner, revision=revision)
+
+        print(f"[{i}/{len(wanted)}] {name} ({size / 1e6:.1f} MB)", flush=True)
+        try:
+            checked[name], _ = with_retries(f"{repo_id}@{revision}: {name}", functools.partial(
+                _modelscope_blob, url, blob, name, size, expected, cookies, progress_interval), policy)  # fmt: skip
+        except Exception as exc:
+            raise fail(exc, policy.attempts if isinstance(exc, FetchError) else None) from exc
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(blob, target)  # same folder tree: a link always works
+    return snapshot, commit, checked
 
 
 def _wanted(rel: PurePosixPath, patterns: list[str] | None) -> bool:
@@ -335,27 +479,75 @@ def materialise(src: Path, dst: Path, patterns: list[str] | None) -> None:
             shutil.copy2(real, target)
 
 
-def safe_extract(archive: Path, dest: Path) -> int:
+@dataclass
+class ExtractLimits:
+    """What an archive may unpack to: ``max_bytes`` in all (a real ``images.zip`` is 1.3 GB of
+    JPEGs that unpack to about as much) and, for entries over ``ratio_floor`` bytes, at most
+    ``max_ratio`` times their compressed size (JPEGs barely compress; a zip bomb's entries reach
+    1000x)."""
+
+    max_bytes: int = 16 * 2**30
+    max_ratio: float = 100.0
+    ratio_floor: int = 2**20
+
+
+def _limit_error(archive: Path, name: str, what: str) -> FetchError:
+    return FetchError(f"{archive}: entry {name!r} {what}; extraction stopped (raise "
+                      "extraction.max_bytes / extraction.max_ratio if the archive is genuine)")  # fmt: skip
+
+
+def safe_extract(archive: Path, dest: Path, limits: ExtractLimits | None = None) -> int:
     """Extract ``archive`` into ``dest``, refusing entries that would land outside it
-    (absolute paths, ``..``, symbolic links). Returns the number of files extracted."""
-    dest = Path(dest).resolve()
+    (absolute paths, ``..``, symbolic links) and archives over ``limits``: the sizes the
+    archive declares are checked first, then the bytes actually inflated are counted while
+    writing, so a lying header stops the extraction before it writes past a cap. Returns the
+    number of files extracted."""
+    try:
+        return _extract(archive, Path(dest).resolve(), limits or ExtractLimits())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+        raise FetchError(f"{archive}: not a readable zip archive ({type(exc).__name__}: {exc})") from None
+
+
+def _extract(archive: Path, dest: Path, limits: ExtractLimits) -> int:
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
+        declared = 0
         for m in members:
             name = m.filename
             mode = m.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise FetchError(f"{archive}: refusing link entry {name!r}")
             p = PurePosixPath(name.replace("\\", "/"))
-            if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+            if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]) or "\0" in name:
                 raise FetchError(f"{archive}: refusing entry {name!r} outside the target folder")
             if not (dest / p).resolve().is_relative_to(dest):
                 raise FetchError(f"{archive}: refusing entry {name!r} outside the target folder")
-        count = 0
+            declared += m.file_size
+            if declared > limits.max_bytes:
+                raise _limit_error(archive, name, f"takes the unpacked size to {declared:,} bytes, over the "
+                                                  f"limit of {limits.max_bytes:,} (extraction.max_bytes)")  # fmt: skip
+            if m.file_size > limits.ratio_floor and m.file_size > limits.max_ratio * max(m.compress_size, 1):
+                raise _limit_error(archive, name, f"unpacks {m.file_size:,} bytes from {m.compress_size:,} "
+                                                  f"(ratio over the limit of {limits.max_ratio:g}, extraction.max_ratio)")  # fmt: skip
+        count, written = 0, 0
         for m in members:
-            if not m.is_dir():
-                zf.extract(m, dest)
-                count += 1
+            target = dest / PurePosixPath(m.filename.replace("\\", "/"))
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            entry, cap = 0, max(m.file_size, limits.ratio_floor, limits.max_ratio * max(m.compress_size, 1))
+            with zf.open(m) as src, open(target, "wb") as out:
+                while block := src.read(1 << 20):
+                    entry, written = entry + len(block), written + len(block)
+                    if written > limits.max_bytes:
+                        raise _limit_error(archive, m.filename, f"inflates past the limit of {limits.max_bytes:,} "
+                                                                "bytes in all (extraction.max_bytes)")  # fmt: skip
+                    if entry > cap:
+                        raise _limit_error(archive, m.filename, f"inflates past {cap:,.0f} bytes (ratio limit "
+                                                                f"{limits.max_ratio:g}, extraction.max_ratio)")  # fmt: skip
+                    out.write(block)
+            count += 1
     return count
 
 
@@ -383,7 +575,8 @@ def manifest(folder: Path, known: dict[str, dict] | None = None, **meta) -> dict
 
 
 def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=None, language=None,
-          policy: RetryPolicy | None = None, cache_dir: str | None = None) -> Path:  # fmt: skip
+          policy: RetryPolicy | None = None, cache_dir: str | None = None,
+          limits: ExtractLimits | None = None) -> Path:  # fmt: skip
     patterns = dataset_patterns(language) if kind == "dataset" else None
     checked: dict[str, dict] = {}
     if source == "local":
@@ -393,7 +586,7 @@ def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=N
     elif source == "huggingface":
         src, commit, checked = from_huggingface(kind, repo_id, revision, patterns, policy, cache_dir)
     elif source == "modelscope":
-        src, commit = from_modelscope(kind, repo_id, revision, patterns)
+        src, commit, checked = from_modelscope(kind, repo_id, revision, patterns, policy, cache_dir)
     else:
         raise FetchError(f"unknown source {source!r}")
     with atomic_dir(Path(out)) as tmp:
@@ -404,12 +597,13 @@ def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=N
                 raise FetchError(f"dataset {repo_id or path} has no {language}.jsonl")
             archive = tmp / "images.zip"
             if archive.is_file() and not (tmp / "images").is_dir():
-                extracted = safe_extract(archive, tmp)
-        endpoint = public_endpoint() if source == "huggingface" else None
-        meta = dict(kind=kind, source=source, repo_id=repo_id, revision=revision,
-                    commit=commit, endpoint=endpoint, local_path=str(path) if path else None,
-                    extracted_from_zip=extracted,
-                    hub_checked_files=sum(1 for v in checked.values() if v.get("hub_check")))  # fmt: skip
+                extracted = safe_extract(archive, tmp, limits)
+        endpoint = {"huggingface": public_endpoint, "modelscope": lambda: public_endpoint(modelscope_endpoint())}.get(
+            source, lambda: None)()
+        meta = {"kind": kind, "source": source, "repo_id": repo_id, "revision": revision,
+                    "commit": commit, "endpoint": endpoint, "local_path": str(path) if path else None,
+                    "extracted_from_zip": extracted,
+                    "hub_checked_files": sum(1 for v in checked.values() if v.get("hub_check"))}  # fmt: skip
         write_json(tmp / "manifest.json", manifest(tmp, checked, **meta))
     return Path(out)
 
@@ -424,12 +618,17 @@ def main(argv=None) -> None:
     ap.add_argument("--language", default="cn")
     ap.add_argument("--attempts", type=int, default=RetryPolicy.attempts, help="tries per request")
     ap.add_argument("--backoff", type=float, default=RetryPolicy.base_delay, help="first retry delay, s")
+    ap.add_argument("--max-extract-bytes", type=int, default=ExtractLimits.max_bytes,
+                    help="unpacked size limit of images.zip, bytes (extraction.max_bytes)")
+    ap.add_argument("--max-extract-ratio", type=float, default=ExtractLimits.max_ratio,
+                    help="per-entry unpacked/compressed limit (extraction.max_ratio)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     policy = RetryPolicy(attempts=max(1, args.attempts), base_delay=args.backoff)
+    limits = ExtractLimits(max_bytes=args.max_extract_bytes, max_ratio=args.max_extract_ratio)
     try:
         out = fetch(args.kind, args.source, args.out, args.repo_id, args.revision, args.path, args.language,
-                    policy)  # fmt: skip
+                    policy, limits=limits)  # fmt: skip
     except FetchError as exc:
         raise SystemExit(f"fetch {args.kind}: {exc}") from None
     print(f"fetched {args.kind} into {out}")
