@@ -3,6 +3,7 @@ built locally and deterministically from a seed, in the exact upstream layouts.
 
     python -m vlmtune.demo dataset --out data/demo/CLoT-Oogiri-GO --seed 0
     python -m vlmtune.demo model --out data/demo/InternVL2-tiny --seed 0
+    python -m vlmtune.demo clot-like --out /tmp/clot --records 2000   # realistic size, zipped
 
 Dataset layout (as on the hub after extraction): ``cn.jsonl`` with records
 ``{"text", "question", "star", "type", "image"}`` and ``images/<id>.jpg``. It holds I2T,
@@ -61,7 +62,8 @@ def demo_records(seed: int) -> list[dict]:
     return records
 
 
-def make_image(path: Path, size: tuple[int, int], rng: random.Random) -> None:
+def make_image(path, size: tuple[int, int], rng: random.Random) -> None:
+    """A JPEG of ``size`` with coloured ellipses at ``path`` (a path or a binary file object)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
@@ -88,6 +90,46 @@ def build_dataset(out: Path, seed: int = 0) -> Path:
     return Path(out)
 
 
+def clot_like_records(n_records: int, seed: int) -> list[dict]:
+    """``n_records`` records shaped like CLoT-Oogiri-GO's ``cn.jsonl``: about 3 responses per
+    image, I2T/T2T/IT2T in the dataset's proportions (65/32/3 %), null questions for I2T, null
+    stars for about a fifth, answers of 10-60 Chinese characters."""
+    rng = random.Random(seed)
+    chars = sorted({c for line in JOKES + QUESTIONS for c in line if "\u4e00" <= c <= "\u9fff"})
+    records, image = [], 0
+    while len(records) < n_records:
+        for _ in range(rng.randint(1, 5)):
+            kind = rng.choices(["I2T", "T2T", "IT2T"], weights=[65, 32, 3])[0]
+            text = rng.choice(JOKES) if rng.random() < 0.3 else "".join(rng.choice(chars) for _ in range(rng.randint(10, 60)))
+            records.append(dict(text=text, question=None if kind == "I2T" else rng.choice(QUESTIONS),
+                                star=None if rng.random() < 0.22 else rng.randint(0, 500), type=kind,
+                                image=f"clot{image:05d}"))  # fmt: skip
+        image += 1
+    return records[:n_records]
+
+
+def build_clot_like(out: Path, n_records: int = 2000, seed: int = 0, min_side: int = 200, max_side: int = 1200) -> Path:
+    """A CLoT-Oogiri-GO-shaped dataset in the hub's layout (``cn.jsonl`` + ``images.zip`` holding
+    ``images/<id>.jpg``, sides ``min_side``-``max_side`` px of varied aspect), for measuring the
+    workflow at a realistic size (benchmarks/gpu_workflow.sh)."""
+    import io
+    import zipfile
+
+    rng = random.Random(seed + 1)
+    records = clot_like_records(n_records, seed)
+    with atomic_dir(Path(out)) as tmp:
+        with zipfile.ZipFile(tmp / "images.zip", "w", zipfile.ZIP_STORED) as zf:
+            for name in sorted({r["image"] for r in records}):
+                buf = io.BytesIO()
+                size = (rng.randint(min_side, max_side), rng.randint(min_side, max_side))
+                make_image(buf, size, rng)
+                zf.writestr(f"images/{name}.jpg", buf.getvalue())
+        with open(tmp / "cn.jsonl", "w", encoding="utf-8") as fh:
+            for rec in records:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return Path(out)
+
+
 def build_model(out: Path, seed: int = 0) -> Path:
     from . import model_builder
 
@@ -96,11 +138,15 @@ def build_model(out: Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Build the embedded demo's model or dataset.")
-    ap.add_argument("what", choices=["dataset", "model"])
+    ap.add_argument("what", choices=["dataset", "model", "clot-like"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--records", type=int, default=2000, help="clot-like: number of records")
     args = ap.parse_args(argv)
-    path = (build_dataset if args.what == "dataset" else build_model)(args.out, args.seed)
+    if args.what == "clot-like":
+        path = build_clot_like(args.out, args.records, args.seed)
+    else:
+        path = (build_dataset if args.what == "dataset" else build_model)(args.out, args.seed)
     print(f"built demo {args.what} at {path}")
 
 
