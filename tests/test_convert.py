@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vlmtune.convert import DEFAULT_QUESTION, BadRecord, convert
+from vlmtune.convert import DEFAULT_QUESTION, BadRecord, convert, write_samples
 from vlmtune.demo import IMAGE_SIZES, JOKES
 
 JOKE0 = JOKES[0]
@@ -141,7 +141,7 @@ def test_error_mode_stops_at_the_bad_line(demo_dataset, tmp_path, reason):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "vlmtune.convert", "--dataset", str(ds), "--on-bad-record", "error",
                           "--out-train", str(out / "t.json"), "--out-eval", str(out / "e.jsonl"),
-                          "--report", str(out / "r.json")], capture_output=True, text=True)  # fmt: skip
+                          "--report", str(out / "r.json")], capture_output=True, text=True, check=False)  # fmt: skip
     assert run.returncode != 0 and f"cn.jsonl:37: {reason}" in run.stderr
     assert not out.exists() or not list(out.iterdir())
 
@@ -222,3 +222,201 @@ def test_a_record_without_question_and_star_keys_counts_as_null_not_a_crash(demo
     else:
         sample = next(s for s in train if s["conversations"][1]["value"] == bare["text"])
         assert sample["conversations"][0]["value"].endswith(DEFAULT_QUESTION)
+
+
+# --- Hostile and odd inputs (issue 15): each through the CLI, asserting the outcome and the report line.
+
+
+def run_cli(ds, tmp_path, *extra):
+    """``python -m vlmtune.convert`` on ``ds``; (process, report or None, out folder)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    train = out / ("t.jsonl" if "jsonl" in extra else "t.json")
+    proc = subprocess.run([sys.executable, "-m", "vlmtune.convert", "--dataset", str(ds), *extra,
+                           "--out-train", str(train), "--out-eval", str(out / "e.jsonl"),
+                           "--report", str(out / "r.json")], capture_output=True, text=True, check=False)  # fmt: skip
+    report = json.loads((out / "r.json").read_text(encoding="utf-8")) if (out / "r.json").exists() else None
+    return proc, report, out
+
+
+def test_line_separators_inside_texts_survive_conversion_and_every_reader(demo_dataset, tmp_path):
+    """U+2028/U+2029/U+0085 are legal raw inside JSON strings (ensure_ascii=False writes them):
+    the reader does not split on them, and the outputs escape them for readers that would."""
+    from vlmtune.jsonl import read_jsonl
+    from vlmtune.validate import load_samples
+
+    texts = [f"第一行{sep}第二行" for sep in ("\u2028", "\u2029", "\u0085")]
+    lines = [json.dumps({**GOOD, "image": f"demo00{i + 1}", "text": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+    ds = dataset_with(demo_dataset, tmp_path, *lines)
+    assert "\u2028" in (ds / "cn.jsonl").read_text(encoding="utf-8")  # raw in the input
+    before = (ds / "cn.jsonl").read_bytes()
+    proc, report, out = run_cli(ds, tmp_path, "--eval-images", "3", "--split-seed", "0", "--output-format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert report["read"] == 42 and report["kept"] == 39 and report["kept"] + report["skipped"] == 42
+    assert (ds / "cn.jsonl").read_bytes() == before
+    train = load_samples(out / "t.jsonl")
+    evals = read_jsonl(out / "e.jsonl")
+    got = {t["conversations"][1]["value"] for t in train} | {r["text"] for e in evals for r in e["references"]}
+    assert set(texts) <= got
+    for f, n in ((out / "t.jsonl", len(train)), (out / "e.jsonl", len(evals))):  # one line a record for any splitter
+        assert len(f.read_text(encoding="utf-8").splitlines()) == n
+
+
+def test_a_type_excluded_record_with_a_null_image_is_excluded_not_bad(demo_dataset, tmp_path):
+    t2t = json.dumps({"text": "纯文字的梗", "question": "问题", "star": None, "type": "T2T", "image": None})
+    ds = dataset_with(demo_dataset, tmp_path, t2t)
+    lines = (ds / "cn.jsonl").read_text(encoding="utf-8").splitlines()
+    (ds / "cn.jsonl").write_text("\n".join(lines[:36] + lines[39:]) + "\n", encoding="utf-8")  # no demo bad lines
+    proc, report, _ = run_cli(ds, tmp_path, "--types", "I2T,IT2T", "--on-bad-record", "error")
+    assert proc.returncode == 0, proc.stderr
+    assert report["skipped_where"]["type_not_selected"][-1].startswith(f"{ds / 'cn.jsonl'}:37: type 'T2T'")
+    assert "missing_image" not in report["skipped_by_reason"]
+    # Selected, the same record is bad (no image) and error mode stops at its line.
+    proc, _, _ = run_cli(ds, tmp_path, "--on-bad-record", "error")
+    assert proc.returncode != 0 and "cn.jsonl:37: missing_image" in proc.stderr
+
+
+def truncated_copy(demo_dataset, tmp_path, name="demo003"):
+    """A copy of the demo whose ``name``.jpg keeps its header (conversion reads it) but not its pixels."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(demo_dataset, ds)
+    jpg = ds / "images" / f"{name}.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:700])
+    return ds
+
+
+def test_an_image_whose_pixels_do_not_decode_is_never_held_out(demo_dataset, tmp_path):
+    import random
+
+    images = sorted(f"demo{i:03d}" for i in range(12))
+    seed = next(s for s in range(100) if "demo003" in random.Random(s).sample(images, 3))  # a draw that hits it
+    ds = truncated_copy(demo_dataset, tmp_path)
+    users = [i + 1 for i, r in enumerate((ds / "cn.jsonl").read_text(encoding="utf-8").splitlines())
+             if json.loads(r)["image"] == "demo003"]  # fmt: skip
+    proc, report, out = run_cli(ds, tmp_path, "--eval-images", "3", "--split-seed", str(seed))
+    assert proc.returncode == 0, proc.stderr
+    assert "demo003" not in report["eval_images"] and len(report["eval_images"]) == 3
+    assert list(report["eval_images_undecodable"]) == ["images/demo003.jpg"]
+    where = [w for w in report["skipped_where"]["corrupt_image"] if "pixels do not decode" in w]
+    assert [int(w.split(": ")[0].rsplit(":", 1)[1]) for w in where] == users
+    assert report["kept"] + report["skipped"] == report["read"]
+    assert all(s["image"] != "images/demo003.jpg" for s in json.loads((out / "t.json").read_text(encoding="utf-8")))
+    again = convert(ds, eval_images=3, split_seed=seed)[2]  # reconverting: the same split
+    assert again["eval_images"] == report["eval_images"]
+    lines = (ds / "cn.jsonl").read_text(encoding="utf-8").splitlines()
+    (ds / "cn.jsonl").write_text("\n".join(lines[:36]) + "\n", encoding="utf-8")  # without the demo's bad lines
+    proc, _, _ = run_cli(ds, tmp_path, "--eval-images", "3", "--split-seed", str(seed), "--on-bad-record", "error")
+    assert proc.returncode != 0 and f"cn.jsonl:{users[0]}: corrupt_image" in proc.stderr
+
+
+def test_a_line_that_is_not_utf8_is_a_counted_bad_record(demo_dataset, tmp_path):
+    ds = dataset_with(demo_dataset, tmp_path, json.dumps(GOOD | {"text": "新的梗"}))
+    with open(ds / "cn.jsonl", "ab") as fh:
+        fh.write(b'{"text": "\xff\xfe broken", "image": "demo000", "type": "I2T"}\n')
+    proc, report, _ = run_cli(ds, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert report["skipped_by_reason"]["not_utf8"] == 1 and report["read"] == 41
+    assert report["skipped_where"]["not_utf8"][0].startswith(f"{ds / 'cn.jsonl'}:41: byte 0xff")
+    lines = (ds / "cn.jsonl").read_bytes().split(b"\n")
+    (ds / "cn.jsonl").write_bytes(b"\n".join(lines[:36] + lines[39:]))
+    proc, _, out = run_cli(ds, tmp_path / "error-mode", "--on-bad-record", "error")
+    assert proc.returncode != 0 and "cn.jsonl:38: not_utf8" in proc.stderr and not (out / "t.json").exists()
+
+
+@pytest.mark.parametrize("image_id", ["../../outside/secret", "ABSOLUTE", "..", "sub/../../outside/secret",
+                                      "a\\..\\..\\secret", "demo000\0x", "./demo000"])  # fmt: skip
+def test_an_image_id_that_leaves_the_image_folder_is_refused(demo_dataset, tmp_path, image_id):
+    from PIL import Image
+
+    secret = tmp_path / "outside" / "secret.jpg"  # a real JPEG where the id points
+    secret.parent.mkdir()
+    Image.new("RGB", (64, 64)).save(secret)
+    image_id = str(secret.with_suffix("")) if image_id == "ABSOLUTE" else image_id
+    ds = dataset_with(demo_dataset, tmp_path / "x", json.dumps(GOOD | {"image": image_id, "text": "越界"}))
+    proc, report, out = run_cli(ds, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert report["skipped_by_reason"]["bad_image_id"] == 1
+    assert report["skipped_where"]["bad_image_id"][0].startswith(f"{ds / 'cn.jsonl'}:40: ")
+    assert "secret" not in (out / "t.json").read_text(encoding="utf-8") and report["kept"] == 36
+
+
+def test_a_symlink_out_of_the_image_folder_is_refused(demo_dataset, tmp_path):
+    from PIL import Image
+
+    secret = tmp_path / "secret.jpg"
+    Image.new("RGB", (64, 64)).save(secret)
+    ds = dataset_with(demo_dataset, tmp_path, json.dumps(GOOD | {"image": "link", "text": "链接"}))
+    (ds / "images" / "link.jpg").symlink_to(secret)
+    _, _, report = convert(ds)
+    assert report["skipped_by_reason"]["bad_image_id"] == 1 and "symbolic link" in report["skipped_where"]["bad_image_id"][0]
+
+
+def test_a_byte_order_mark_costs_no_record(demo_dataset, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(demo_dataset, ds)
+    (ds / "cn.jsonl").write_bytes(b"\xef\xbb\xbf" + (demo_dataset / "cn.jsonl").read_bytes())
+    assert convert(ds)[2]["skipped_by_reason"] == convert(demo_dataset)[2]["skipped_by_reason"]
+    assert convert(ds)[0] == convert(demo_dataset)[0]
+
+
+@pytest.mark.parametrize("eval_images", [12, 13, 1000])
+def test_eval_images_not_below_the_image_count_is_a_config_error(demo_dataset, tmp_path, eval_images):
+    proc, report, _ = run_cli(demo_dataset, tmp_path, "--eval-images", str(eval_images))
+    assert proc.returncode != 0 and report is None
+    assert f"conversion.eval_images: {eval_images} is not below the 12 images" in proc.stderr
+    assert convert(demo_dataset, eval_images=11)[2]["images"] == {"train": 1, "eval": 11}
+
+
+# --- Property: arbitrary lines through conversion in skip mode never raise, account for every
+# line, and name file:line for every skip.
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+                           max_leaves=6)  # fmt: skip
+TEXT = st.text(alphabet=st.characters(codec=None, blacklist_categories=()), max_size=12)
+RECORDS = st.fixed_dictionaries({}, optional={
+    "text": st.one_of(TEXT, JSON_VALUES), "question": st.one_of(st.none(), TEXT, JSON_VALUES),
+    "star": st.one_of(st.none(), st.integers(), JSON_VALUES),
+    "type": st.one_of(st.sampled_from(["I2T", "T2T", "IT2T", "X"]), JSON_VALUES),
+    "image": st.one_of(st.sampled_from(["demo000", "demo001", "demo_corrupt_image", "nope", "../x", "/etc/x", ""]),
+                       TEXT, JSON_VALUES),
+}).flatmap(lambda d: st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=2).map(lambda extra: {**extra, **d}))
+LINES = st.one_of(
+    RECORDS.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    RECORDS.map(lambda r: json.dumps(r).encode()),  # \\ud800-style escapes: lone surrogates
+    JSON_VALUES.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    st.binary(max_size=30).filter(lambda b: b"\n" not in b),
+    TEXT.map(lambda t: t.replace("\n", " ").encode("utf-8", "surrogatepass")),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINES, max_size=12), eval_images=st.integers(0, 3))
+def test_arbitrary_lines_never_crash_and_are_all_accounted_for(demo_dataset, tmp_path_factory, lines, eval_images):
+    import shutil
+
+    ds = tmp_path_factory.mktemp("prop") / "ds"
+    shutil.copytree(demo_dataset, ds)
+    (ds / "cn.jsonl").write_bytes((demo_dataset / "cn.jsonl").read_bytes() + b"\n".join(lines) + b"\n")
+    train, evals, report = convert(ds, eval_images=eval_images, split_seed=1)
+    assert report["kept"] + report["skipped"] == report["read"]
+    assert report["read"] == 39 + sum(1 for line in lines if line.strip(b" \t\r\n\x0b\x0c"))
+    where = [w for ws in report["skipped_where"].values() for w in ws]
+    assert len(where) == report["skipped"]
+    assert all(w.startswith(f"{ds / 'cn.jsonl'}:") and w.split(": ")[0].rsplit(":", 1)[1].isdigit() for w in where)
+    assert [s["id"] for s in train] == list(range(len(train)))
+    out = tmp_path_factory.mktemp("prop-out")
+    from vlmtune.jsonl import read_jsonl, write_jsonl
+
+    write_samples(out / "t.json", train, "json")  # everything kept can be written and read back
+    write_jsonl(out / "e.jsonl", evals)
+    assert json.loads((out / "t.json").read_text(encoding="utf-8")) == train and read_jsonl(out / "e.jsonl") == evals

@@ -147,6 +147,7 @@ def image_file(images: Path, image_id: str, where: str) -> Path:
     if not image_id:
         raise BadRecord("missing_image", where, "no image id")
     try:
+        image_path(images, image_id)  # the id itself names no parent ("..") or root
         return image_path(images, f"{image_id}.jpg")
     except BadImagePath as exc:
         raise BadRecord("bad_image_id", where, f"{image_id!r}: {exc}") from None
