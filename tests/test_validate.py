@@ -126,3 +126,58 @@ def test_a_held_out_image_that_does_not_decode_stops_the_run_naming_it(demo_data
     with pytest.raises(SystemExit, match=r"demo003.jpg: held-out image does not decode .*\['eval-0'\]"):
         main(args)
     assert not (tmp_path / "r.json").exists()
+
+
+def cli_args(tmp_path, train, images, model, *extra):
+    return ["--train", str(train), "--images", str(images), "--model", str(model), "--max-length", "4096",
+            "--out-train", str(tmp_path / "train.json"), "--report", str(tmp_path / "r.json"),
+            "--histogram", str(tmp_path / "h.png"), *extra]  # fmt: skip
+
+
+def test_training_file_ids_are_contiguous_after_drops(demo_dataset, tiny_model, train_samples, tmp_path):
+    """XTuner's format numbers samples 0..n-1: validation renumbers what it keeps; the report
+    keeps the converted file's ids."""
+    images = tmp_path / "ds"
+    shutil.copytree(demo_dataset, images)
+    jpg = images / "images" / "demo003.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:700])
+    write_samples(tmp_path / "in.json", train_samples, "json")
+    main(cli_args(tmp_path, tmp_path / "in.json", images, tiny_model))
+    out = json.loads((tmp_path / "train.json").read_text(encoding="utf-8"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    dropped = report["bad_images"]["images/demo003.jpg"]["sample_ids"]
+    assert dropped and [s["id"] for s in out] == list(range(36 - len(dropped)))
+    assert [s["conversations"] for s in out] == [s["conversations"] for s in train_samples if s["id"] not in dropped]
+
+
+@pytest.mark.parametrize("path", ["../outside.jpg", "/etc/hostname", "images/../../outside.jpg"])
+def test_a_sample_image_path_outside_the_folder_is_not_opened(demo_dataset, tiny_model, train_samples, tmp_path, path):
+    from PIL import Image
+
+    Image.new("RGB", (450, 404)).save(demo_dataset.parent / "outside.jpg")  # a real image where it points
+    samples = [*train_samples, {**train_samples[0], "id": 36, "image": path}]
+    kept, report, _ = validate(samples, demo_dataset, tiny_model, max_length=4096)
+    assert "BadImagePath" in report["bad_images"][path]["error"] and report["bad_images"][path]["sample_ids"] == [36]
+    assert len(kept) == 36
+    with pytest.raises(ValidationError, match="BadImagePath"):
+        validate(samples, demo_dataset, tiny_model, max_length=4096, on_bad_image="error")
+
+
+def test_a_broken_line_in_the_training_file_is_named(demo_dataset, tiny_model, train_samples, tmp_path):
+    write_samples(tmp_path / "in.jsonl", train_samples[:3], "jsonl")
+    with open(tmp_path / "in.jsonl", "ab") as fh:
+        fh.write(b"\xef\xbb{not json\n")
+    with pytest.raises(SystemExit, match=r"in.jsonl:4: not_utf8"):
+        main(cli_args(tmp_path, tmp_path / "in.jsonl", demo_dataset, tiny_model))
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "train.json").exists()
+
+
+def test_held_out_texts_with_line_separators_are_read_whole(demo_dataset, tiny_model, train_samples, tmp_path):
+    """The held-out file is JSONL: a raw U+2028 in a reference (legal JSON) stopped validation
+    when it was read with splitlines()."""
+    write_samples(tmp_path / "in.json", train_samples, "json")
+    raw = json.dumps({"id": "eval-0", "image": "images/demo001.jpg", "question": "q",
+                      "references": [{"text": "一\u2028二\u2029三\u0085四", "star": None}]}, ensure_ascii=False)  # fmt: skip
+    (tmp_path / "eval.jsonl").write_text(raw + "\n", encoding="utf-8")
+    main(cli_args(tmp_path, tmp_path / "in.json", demo_dataset, tiny_model, "--eval", str(tmp_path / "eval.jsonl")))
+    assert json.loads((tmp_path / "r.json").read_text())["eval_images_checked"] == 1
