@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonl
 from .atomic import atomic_file
 
 LIBRARIES = ("sacrebleu", "rouge-score", "jieba", "pycocoevalcap", "scipy")
@@ -201,21 +202,18 @@ def score_group(rows: list[dict], nll: dict[str, list[dict]] | None, train: set[
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise MetricsError(f"{path}:{n}: not JSON ({exc})") from None
-    return rows
+    """The package's JSONL reader (split on "\\n" only); a bad line is an error naming file:line."""
+    try:
+        return jsonl.read_jsonl(path)
+    except jsonl.JsonlError as exc:
+        raise MetricsError(str(exc)) from None
 
 
 def train_responses(path: Path) -> set[str]:
     """Every gpt turn of the training file (XTuner's LLaVA format, .json or .jsonl), normalised."""
-    text = Path(path).read_text(encoding="utf-8")
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    with open(path, "rb") as fh:
+        is_list = fh.read(64).removeprefix(jsonl.BOM).lstrip().startswith(b"[")
+    records = json.loads(Path(path).read_bytes().removeprefix(jsonl.BOM)) if is_list else read_jsonl(path)
     return {normalise(t["value"]) for rec in records for t in rec.get("conversations", []) if t.get("from") == "gpt"}
 
 

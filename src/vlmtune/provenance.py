@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .fetch import sha256
+from .jsonl import read_jsonl, read_records
 
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parents[1]
@@ -157,8 +158,7 @@ def images_of(*record_files: Path) -> set[str]:
     for path in record_files:
         if not Path(path).exists():
             continue
-        text = Path(path).read_text(encoding="utf-8")
-        records = json.loads(text) if str(path).endswith(".json") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        records = read_records(path)
         used.update(r["image"] for r in records if r.get("image"))
     return used
 
@@ -268,7 +268,7 @@ def write_for_evaluation(model: Path, eval_path: Path, image_folder: Path, predi
     """``provenance.json`` beside ``predictions`` (called at the end of ``vlmtune.evaluate``)."""
     started = process_start()
     model, predictions = Path(model), Path(predictions)
-    rows = [json.loads(l) for l in predictions.read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = read_jsonl(predictions)
     model_record = beside_model(model)
     record = dict(
         step="evaluate", output=str(predictions), started_at=started, variant=predictions.parent.name,
