@@ -1,30 +1,47 @@
-"""Training throughput on one GPU: the tutorial's stock XTuner settings against the project's
-GPU defaults (``config/config.yaml``), in the same run, through the workflow's own commands
-(``vlmtune.xtuner_config`` renders, ``vlmtune.train`` trains).
+"""Training throughput on one GPU, round 2 (issue 14): the tutorial's stock XTuner settings, the
+QLoRA default with and without the speed levers of ``vlmtune.speed``, the bf16 LoRA choice and the
+24 GiB tier, each trained at least twice in the same invocation (median reported), through the
+workflow's own commands (``vlmtune.xtuner_config`` renders, ``vlmtune.train`` trains).
 
-    PYTHONPATH=src python benchmarks/train_gpu.py --work /tmp/train_gpu --out results/bench
+    PYTHONPATH=src python benchmarks/train_gpu.py --work /tmp/train_gpu --out results/bench --samples 64
 
-Steps:
-1. build the exact-size InternVL2-2B with random weights (``vlmtune.model_builder``, preset
-   ``full``; its tokenizer is trained on the generated answers too, so Chinese text tokenises
-   at a realistic rate) and CLoT-shaped samples: images 300-1200 px of varied aspect, answers
-   of 10-60 Chinese characters, the tutorial's prompt, in the converter's record format;
-2. equivalence: SDPA against the original attention on random inputs in bf16 (InternViT layer,
-   InternLM2 layer, whole InternLM2 with a right-padded batch), and the first-iteration loss of
-   one real batch (bf16 LoRA, dropout off) with eager and with SDPA attention, identical weights;
-3. for each setting: render, train ``--iters`` iterations with ``train.iteration_log`` on, and
-   summarise ``iterations.jsonl`` (median s/iteration after ``--warmup``, samples/s, real
-   tokens/s, padding share, peak memory, MFU).
+Settings (one GPU, global batch 16 = the tutorial's per-GPU share; every setting trains one epoch
+over the same samples, so samples/s compare):
+- ``a_stock``: the tutorial (QLoRA fp16 compute, eager attention, recompute, 8 x 2, XTuner grouping);
+- ``q_base``: ``config/config.yaml`` with ``method: qlora`` and the new levers off (the "before");
+- ``q_default``: the same with ``label_only_head: true`` and ``qlora_compute_dtype: bfloat16`` (the
+  QLoRA default proposed to ship);
+- ``b_lora``: ``config/config.yaml`` with ``method: lora`` (bf16 LoRA) and ``label_only_head: true``;
+- ``gpu24g``: ``config/config.yaml`` + ``config/gpu-24g.yaml``, the process capped at 24 GiB
+  (``VLMTUNE_CUDA_MEMORY_GIB``: ``torch.cuda.set_per_process_memory_fraction``); peak reserved reported;
+- ``--variants`` adds settings (train overrides on ``q_default``), e.g. ``{"q_fused": {"fused_norm": true}}``.
 
-FLOP model (per iteration, real tokens only: padding is not useful work):
+Runs go in rounds (every setting once per round, ``--repeats`` rounds); a run that would not finish
+within ``--budget-s`` (estimated from its first round) is skipped and listed. In the first round
+``q_base`` and ``q_default`` also profile ``--profile-iters`` iterations after the warm-up
+(``torch.profiler``; device time by kernel category: GEMM, attention, 4-bit dequantize,
+element-wise, casts/copies, optimizer, idle); those iterations are left out of that run's figures.
+
+Equivalence (printed by the same invocation, bf16 on the GPU): XTuner's ``InternVL_V1_5`` built from
+``q_default``'s rendered config (4-bit, SDPA, cast to bf16 as DeepSpeed does, eval mode), one real
+batch of 4 samples: first-iteration loss unpatched vs each lever alone and all together (limit:
+relative difference 1e-3); and patched modules vs originals on random inputs (a 4-bit layer with
+bf16 vs fp16 compute, RMSNorm and SwiGLU fused vs the modules, the head on labelled rows vs the rows
+of the full logits).
+
+FLOP model (per iteration, real tokens only: padding is not useful work; T = real tokens,
+n = positions carrying a label):
 - InternViT, frozen, forward only: 2 * P_vit * 1025 tokens per tile + attention 4 * 1025^2 * d per
   layer per tile;
 - projector mlp1, trained in full: 3 x forward = 6 * P_mlp1 * 256 tokens per tile;
-- LLM frozen weights (incl. the output head): 2 x forward (forward + input gradients) = 4 * P_llm * T;
-- LoRA adapters, trainable: 3 x forward = 6 * P_lora * T;
+- LLM decoder frozen weights (without the output head): forward + input gradients = 4 * P_llm * T;
+- LoRA adapters of the decoder, trainable: 3 x forward = 6 * P_lora * T;
+- output head (92,553 x 2,048) and its LoRA adapter: 4 * P_head * n + 6 * P_head_lora * n -- only the
+  labelled positions, the work the loss needs, in every setting alike (so that skipping the rest
+  is not counted as extra utilisation);
 - LLM causal attention: forward 2 * L^2 * d per layer per sample, 3 x with the backward;
-- gradient checkpointing recomputes the LLM forward (2 * (P_llm + P_lora) * T + attention forward):
-  counted only in the hardware figure (HFU), not in MFU.
+- gradient checkpointing recomputes the decoder forward (2 * (P_llm + P_lora) * T + attention
+  forward): counted only in the hardware figure (HFU), not in MFU.
 Peak: dense bf16 of the GPU (H100 SXM / H200: 989.4 TFLOP/s).
 """
 
@@ -34,6 +51,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -53,17 +71,32 @@ STOCK = dict(  # the tutorial's XTuner settings (FIELD-NOTES §1), one GPU
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
-def project_settings(per_gpu_global_batch: int) -> dict:
-    """The shipped GPU defaults (config/config.yaml), on one GPU with the tutorial's per-GPU
-    share of the global batch."""
+NEW_LEVERS_OFF = dict(label_only_head=False, qlora_compute_dtype="float16", fused_norm=False)
+NEW_LEVERS_ON = dict(label_only_head=True, qlora_compute_dtype="bfloat16")
+
+
+def project_settings(per_gpu_global_batch: int, *overlays: str) -> dict:
+    """``config/config.yaml`` (+ overlays), on one GPU with the tutorial's per-GPU share of the
+    global batch."""
     from vlmtune.config import load
 
-    train = dict(load(ROOT / "config" / "config.yaml")["train"])
+    train = dict(load(ROOT / "config" / "config.yaml", *(ROOT / "config" / o for o in overlays))["train"])
     for key in ("mem_mb", "runtime", "cpus_per_task", "nodes", "gpu_model"):
         train.pop(key, None)
     train.update(gpus=1, global_batch_size=per_gpu_global_batch, save_steps=100000, log_interval=1, seed=0,
-                 iteration_log=True, warmup_ratio=0.15)  # fmt: skip
+                 iteration_log=True, warmup_ratio=0.15, max_epochs=1)  # fmt: skip
     return train
+
+
+def all_settings(per_gpu_global: int) -> dict:
+    base = project_settings(per_gpu_global)
+    return {
+        "a_stock": STOCK,
+        "q_base": {**base, "method": "qlora", **NEW_LEVERS_OFF},
+        "q_default": {**base, "method": "qlora", **NEW_LEVERS_ON},
+        "b_lora": {**base, "method": "lora", "label_only_head": True},
+        "gpu24g": project_settings(per_gpu_global, "gpu-24g.yaml"),
+    }
 
 
 # ---------------------------------------------------------------- data and model
@@ -106,19 +139,22 @@ def flop_model(model_dir: Path, lora_r: int) -> dict:
     d, hd = l["hidden_size"], l["hidden_size"] // l["num_attention_heads"]
     qkv_out = (l["num_attention_heads"] + 2 * l["num_key_value_heads"]) * hd
     linears = [(d, qkv_out), (d, d), (d, l["intermediate_size"]), (d, l["intermediate_size"]), (l["intermediate_size"], d)]
-    p_llm = l["num_hidden_layers"] * sum(i * o for i, o in linears) + d * l["vocab_size"]
-    p_lora = l["num_hidden_layers"] * sum(lora_r * (i + o) for i, o in linears) + lora_r * (d + l["vocab_size"])
     return dict(p_vit=p_vit, vit_tokens=vit_tokens, vit_layers=lv, vit_hidden=dv, p_mlp1=merged * d + d * d,
                 tokens_per_tile=int((cfg["force_image_size"] // v["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2),
-                p_llm=p_llm, p_lora=p_lora, llm_layers=l["num_hidden_layers"], llm_hidden=d)  # fmt: skip
+                p_llm=l["num_hidden_layers"] * sum(i * o for i, o in linears),
+                p_lora=l["num_hidden_layers"] * sum(lora_r * (i + o) for i, o in linears),
+                p_head=d * l["vocab_size"], p_head_lora=lora_r * (d + l["vocab_size"]),
+                llm_layers=l["num_hidden_layers"], llm_hidden=d)  # fmt: skip
 
 
 def iteration_flops(f: dict, rec: dict, recompute: bool) -> tuple[float, float]:
-    tiles, t = rec["tiles"], rec["real_tokens"]
+    """(model FLOPs, hardware FLOPs) of one iteration record (``labelled``: positions with a label)."""
+    tiles, t, n = rec["tiles"], rec["real_tokens"], rec["labelled"]
     vit = tiles * (2 * f["p_vit"] * f["vit_tokens"] + 4 * f["vit_tokens"] ** 2 * f["vit_hidden"] * f["vit_layers"])
     mlp1 = 6 * f["p_mlp1"] * f["tokens_per_tile"] * tiles
-    attn_fwd = sum(2 * n * n * f["llm_hidden"] * f["llm_layers"] for n in rec["lengths"])
-    model = vit + mlp1 + 4 * f["p_llm"] * t + 6 * f["p_lora"] * t + 3 * attn_fwd
+    attn_fwd = sum(2 * L * L * f["llm_hidden"] * f["llm_layers"] for L in rec["lengths"])
+    head = 4 * f["p_head"] * n + 6 * f["p_head_lora"] * n
+    model = vit + mlp1 + 4 * f["p_llm"] * t + 6 * f["p_lora"] * t + head + 3 * attn_fwd
     extra = 2 * (f["p_llm"] + f["p_lora"]) * t + attn_fwd if recompute else 0.0
     return model, model + extra
 
@@ -129,10 +165,11 @@ def sh(cmd: list[str], log: Path, env=None) -> int:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run_setting(name: str, settings: dict, model: Path, data: Path, work: Path, iters: int, gpus: int) -> dict:
-    d = work / name
+def run_setting(name: str, settings: dict, model: Path, data: Path, d: Path, iters: int, gpus: int,
+                env: dict) -> dict:  # fmt: skip
     d.mkdir(parents=True, exist_ok=True)
     settings = dict(settings, max_iters=iters or None)
+    settings.pop("memory_gib", None)
     py = sys.executable
     rc = sh([py, "-m", "vlmtune.xtuner_config", "--model", str(model), "--train-json", str(data), "--image-folder",
              str(data.parent), "--train-settings", json.dumps(settings), "--out", str(d / "cfg.py"), "--plan",
@@ -142,60 +179,104 @@ def run_setting(name: str, settings: dict, model: Path, data: Path, work: Path, 
     t0 = time.time()
     rc = sh([py, "-m", "vlmtune.train", "--config", str(d / "cfg.py"), "--plan", str(d / "plan.json"), "--work-dir",
              str(d / "work"), "--result", str(d / "result.json"), "--gpus", str(gpus), "--deepspeed", settings["deepspeed"]],
-            d / "train.log")  # fmt: skip
+            d / "train.log", env={**os.environ, "VLMTUNE_BENCH_HOOK": "1", **env})  # fmt: skip
     return dict(name=name, settings=settings, rc=rc, wall_s=time.time() - t0, dir=str(d))
 
 
-def summarise_run(run: dict, f: dict, warmup: int, peak: float) -> dict:
+def summarise_run(run: dict, f: dict, warmup: int, peak: float, skip: range = range(0)) -> dict:
+    """Figures of one run after the warm-up (the first optimizer step), leaving out the iterations in
+    ``skip`` (a profiler window)."""
     from vlmtune.iteration_log import read, summarise
 
-    path = Path(run["dir"]) / "work" / "iterations.jsonl"
+    work = Path(run["dir"]) / "work"
+    path = work / "iterations.jsonl"
     if run["rc"] or not path.exists() or not path.read_text().strip():
         tail = (Path(run["dir"]) / "train.log").read_text(errors="replace")[-3000:]
-        oom = "out of memory" in tail.lower()
-        return dict(name=run["name"], failed=True, oom=oom, log_tail=tail)
-    recs = read(path)
-    # warm-up: the first optimizer step (one global batch), whatever the micro-batch
+        return dict(name=run["name"], failed=True, oom="out of memory" in tail.lower(), log_tail=tail)
+    labelled = {r["iteration"]: r["labelled"] for r in read(work / "labels.jsonl")} if (work / "labels.jsonl").exists() else {}
+    recs = [dict(r, labelled=labelled.get(r["iteration"], 0)) for r in read(path)]
     warmup = warmup if warmup >= 0 else json.loads((Path(run["dir"]) / "plan.json").read_text())["accumulative_counts"]
+    recs = recs[:warmup] + [r for r in recs[warmup:] if r["iteration"] not in skip]
     s = summarise(recs, warmup)
     window = recs[warmup:]
     recompute = bool(run["settings"].get("gradient_checkpointing", True))
     model_flops = sum(iteration_flops(f, r, recompute)[0] for r in window)
     hw_flops = sum(iteration_flops(f, r, recompute)[1] for r in window)
-    s.update(name=run["name"], failed=False, mfu=model_flops / s["seconds"] / peak,
-             hfu=hw_flops / s["seconds"] / peak, tflops=model_flops / s["seconds"] / 1e12)  # fmt: skip
+    s.update(name=run["name"], failed=False, mfu=model_flops / s["seconds"] / peak, hfu=hw_flops / s["seconds"] / peak,
+             tflops=model_flops / s["seconds"] / 1e12, labelled_per_sample=sum(r["labelled"] for r in window) / sum(r["samples"] for r in window),
+             samples_measured=sum(r["samples"] for r in window), profiled_left_out=len(skip))  # fmt: skip
+    prof = work / "profile.json"
+    if prof.exists():
+        s["profile"] = json.loads(prof.read_text())
     return s
 
 
 EQUIVALENCE = r"""
 import json, os, sys, torch
 sys.path.insert(0, os.path.join(sys.argv[3], "src"))
-from vlmtune.attention import compare, apply
-cuda = torch.cuda.is_available()  # CPU: the dry run of this script (--cpu), fp32
+from vlmtune import speed
+from vlmtune.attention import apply as apply_attention
+from vlmtune.xtuner_main import launcher_settings
+cuda = torch.cuda.is_available()  # CPU: the dry run of this script (--cpu): fp32, no 4-bit layers
 dev = "cuda" if cuda else "cpu"
-# single attention layers in bf16 (the training dtype); the whole 24-layer LLM with a right-padded
-# batch in fp32 as well, where the comparison is not drowned by bf16 rounding compounding over layers
-out = {"random_inputs_bf16": compare(sys.argv[1], device=dev, dtype=torch.bfloat16 if cuda else torch.float32,
-                                     batch=2, seq=2048 if cuda else 64, tiles=4 if cuda else 1),
-       "random_inputs_fp32": compare(sys.argv[1], device=dev, dtype=torch.float32, batch=2, seq=2048 if cuda else 64, tiles=1)}
-# one real batch through XTuner's model and dataset (bf16 LoRA, dropout off), eager then SDPA
+dtype = torch.bfloat16 if cuda else torch.float32
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29533")
 torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
 from mmengine.config import Config
 from xtuner.registry import BUILDER
 from xtuner.dataset.collate_fns import default_collate_fn
 cfg = Config.fromfile(sys.argv[2])
-model = BUILDER.build(cfg.model).to(dev).eval()
+launcher = launcher_settings(sys.argv[2])
+model = BUILDER.build(cfg.model)
+model = model.to(dev).to(dtype).eval()  # DeepSpeed casts the module to bf16 the same way
+apply_attention(model.model, launcher["attention"])
 dataset = BUILDER.build(cfg.llava_dataset)
 batch = default_collate_fn([dataset[i] for i in range(4)])["data"]
 batch = {k: (v.to(dev) if torch.is_tensor(v) else [x.to(dev) for x in v]) for k, v in batch.items()}
-losses = {}
+out, losses = {}, {}
+def loss():
+    with torch.no_grad():
+        return float(model(batch)["loss"])
+speed.install_label_only_head(type(model))
+model.vlmtune_label_only_head = False
+losses["unpatched"] = loss()
+model.vlmtune_label_only_head = True
+losses["label_only_head"] = loss()
+model.vlmtune_label_only_head = False
+n4 = speed.set_4bit_compute_dtype(model, "bfloat16")
+losses["bf16_compute"] = loss()
+model.vlmtune_label_only_head = True
+losses["label_only_head+bf16_compute"] = loss()
+# modules on random inputs
+torch.manual_seed(0)
+lm = speed.causal_lm(model.model.language_model)
+hidden = torch.randn(2, 256, lm.config.hidden_size, device=dev, dtype=dtype)
+labels = torch.full((2, 256), -100, device=dev); labels[:, 200:240] = 5
+pos, _ = speed.label_positions(labels)
+head = lm.get_output_embeddings()
 with torch.no_grad():
-    losses["eager"] = float(model(batch)["loss"])
-    out["switched"] = apply(model.model, "sdpa")
-    losses["sdpa"] = float(model(batch)["loss"])
-out["first_batch_loss"] = dict(losses, rel_diff=abs(losses["sdpa"] - losses["eager"]) / abs(losses["eager"]),
-                               real_tokens=int(batch["attention_mask"].sum()), padded=int(batch["attention_mask"].numel()))
+    full = head(hidden).float().reshape(-1, lm.config.vocab_size).index_select(0, pos)
+    out["module_head_label_rows"] = rel(head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)).float(), full)
+    lin = next((m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "compute_dtype")), None)
+    if lin is not None:
+        x = torch.randn(512, lin.in_features, device=dev, dtype=dtype)
+        lin.compute_dtype = torch.float16; ref = lin(x)
+        lin.compute_dtype = torch.bfloat16; out["module_4bit_bf16_vs_fp16"] = rel(lin(x), ref)
+    layer = lm.model.layers[0]
+    x = torch.randn(2, 300, lm.config.hidden_size, device=dev, dtype=dtype)
+    ref_norm, ref_mlp = layer.attention_norm(x), layer.feed_forward(x)
+    out["fused_norm_switched"] = speed.apply_fused_norm(model, compile=cuda)
+    out["module_rms_norm_fused"] = rel(layer.attention_norm(x), ref_norm)
+    out["module_swiglu_fused"] = rel(layer.feed_forward(x), ref_mlp)
+losses["all_with_fused_norm"] = loss()
+ref = losses["unpatched"]
+out["losses"] = losses
+out["rel_diff"] = {k: abs(v - ref) / abs(ref) for k, v in losses.items() if k != "unpatched"}
+out["layers_4bit"] = n4
+out["batch"] = dict(real_tokens=int(batch["attention_mask"].sum()), padded=int(batch["attention_mask"].numel()),
+                    labelled=int((batch["labels"][:, 1:] != -100).sum()))
 print("EQUIVALENCE " + json.dumps(out))
 """
 
@@ -211,17 +292,60 @@ def equivalence(model: Path, cfg: Path, log: Path) -> dict:
     return dict(failed=True, log_tail=(proc.stdout + proc.stderr)[-3000:])
 
 
+def equivalence_text(eq: dict) -> str:
+    if eq.get("failed"):
+        return "equivalence FAILED to run:\n" + eq["log_tail"][-1500:]
+    lines = [f"equivalence (first batch: {eq['batch']['real_tokens']:,} real of {eq['batch']['padded']:,} tokens, "
+             f"{eq['batch']['labelled']} labelled; {eq['layers_4bit']} 4-bit layers), loss unpatched {eq['losses']['unpatched']:.5f}:"]  # fmt: skip
+    for k, d in eq["rel_diff"].items():
+        lines.append(f"  {k}: loss {eq['losses'][k]:.5f}, rel. diff {d:.2e} ({'pass' if d <= 1e-3 else 'FAIL'} at 1e-3)")
+    for k in ("module_head_label_rows", "module_4bit_bf16_vs_fp16", "module_rms_norm_fused", "module_swiglu_fused"):
+        if k in eq:
+            lines.append(f"  {k}: rel. err. {eq[k]:.2e} ({'pass' if eq[k] <= 1e-2 else 'FAIL'} at 1e-2, bf16)")
+    return "\n".join(lines)
+
+
+def aggregate(name: str, rows: list[dict], stock: dict | None) -> dict:
+    """Median over a setting's runs."""
+    ok = [r for r in rows if not r.get("failed")]
+    if not ok:
+        return dict(name=name, failed=True, oom=any(r.get("oom") for r in rows), runs=len(rows))
+    med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
+    agg = dict(name=name, failed=False, runs=len(ok), failed_runs=len(rows) - len(ok),
+               samples_per_s_each=[round(r["samples_per_s"], 3) for r in ok])  # fmt: skip
+    for k in ("median_s_per_iter", "samples_per_s", "real_tokens_per_s", "padding_share", "tiles_per_sample",
+              "data_wait_share", "mfu", "hfu", "tflops", "labelled_per_sample", "samples_measured"):
+        agg[k] = med(k)
+    agg["max_allocated_gib"] = max(r["max_allocated_gib"] for r in ok)
+    agg["max_reserved_gib"] = max(r["max_reserved_gib"] for r in ok)
+    if stock and not stock.get("failed"):
+        agg["x_stock"] = agg["samples_per_s"] / stock["samples_per_s"]
+    return agg
+
+
 def table(rows: list[dict]) -> str:
-    head = ("setting", "s/iter (median)", "samples/s", "real tokens/s", "padding", "tiles/sample",
+    head = ("setting", "runs", "samples/s (median)", "each run", "× stock", "real tokens/s", "padding", "tiles/sample",
             "data wait", "peak alloc GiB", "peak reserved GiB", "MFU", "HFU")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['name']} | failed{' (out of memory)' if r.get('oom') else ''} |" + " |" * (len(head) - 2))
+            lines.append(f"| {r['name']} | {r['runs']} | failed{' (out of memory)' if r.get('oom') else ''} |" + " |" * (len(head) - 3))
             continue
-        lines.append(f"| {r['name']} | {r['median_s_per_iter']:.3f} | {r['samples_per_s']:.2f} | "
+        each = " / ".join(f"{x:.2f}" for x in r["samples_per_s_each"])
+        lines.append(f"| {r['name']} | {r['runs']} | {r['samples_per_s']:.2f} | {each} | {r.get('x_stock', float('nan')):.2f} | "
                      f"{r['real_tokens_per_s']:,.0f} | {r['padding_share']:.1%} | {r['tiles_per_sample']:.2f} | {r['data_wait_share']:.1%} | "
                      f"{r['max_allocated_gib']:.1f} | {r['max_reserved_gib']:.1f} | {r['mfu']:.1%} | {r['hfu']:.1%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def profile_table(profiles: dict) -> str:
+    from vlmtune.speed import CATEGORIES
+
+    cats = (*CATEGORIES, "idle")
+    lines = ["| setting | s/iter (profiled) | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 2)]
+    for name, p in profiles.items():
+        lines.append(f"| {name} | {p['wall_s'] / p['iterations']:.3f} | " + " | ".join(
+            f"{p['share'][c]:.1%} ({p['seconds'].get(c, p['wall_s'] * p['share'][c]) / p['iterations'] * 1e3:.0f} ms)" for c in cats) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -229,11 +353,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_gpu"))
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
-    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--iters", type=int, default=0, help="iterations per setting (0: one epoch, so every setting "
                     "trains on the same samples and samples/s compare)")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=-1, help="iterations left out of the figures (-1: the first optimizer step)")
-    ap.add_argument("--variants", default="{}", help='JSON {name: {train overrides}} run after (a) and (b)')
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting (rounds); the median is reported")
+    ap.add_argument("--budget-s", type=float, default=500, help="skip runs that would end after this many seconds")
+    ap.add_argument("--profile-iters", type=int, default=3, help="profiled iterations of q_base and q_default (0: none)")
+    ap.add_argument("--variants", default="{}", help='JSON {name: {train overrides of q_default}}')
     ap.add_argument("--only", default="", help="comma-separated settings to run (default: all)")
     ap.add_argument("--skip-equivalence", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -243,63 +370,90 @@ def main(argv=None) -> None:
 
     from vlmtune.model_builder import build
 
+    t_start = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     gpu = "cpu (dry run)" if a.cpu else torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), 989.4e12)
-    t0 = time.time()
     data, answers = make_samples(a.work / "data", a.samples, a.seed)
     model = a.work / "InternVL2-2B"
     if not (model / "config.json").exists():
         build(model, "tiny" if a.cpu else "full", seed=a.seed, corpus=answers)
-    print(f"[bench] {gpu}; data + model in {time.time() - t0:.0f} s", flush=True)
+    print(f"[bench] {gpu}; data + model in {time.time() - t_start:.0f} s", flush=True)
     f = flop_model(model, STOCK["lora"]["r"])
-    per_gpu_global = STOCK["batch_size"] * STOCK["accumulative_counts"]
-    settings = {"a_stock": STOCK, "b_project": project_settings(per_gpu_global)}
+    settings = all_settings(STOCK["batch_size"] * STOCK["accumulative_counts"])
     for name, over in json.loads(a.variants).items():
-        settings[name] = {**settings["b_project"], **over}
+        settings[name] = {**settings["q_default"], **over}
+    memory = {"gpu24g": 24}
     if a.cpu:
         cpu = dict(device="cpu", gpus=0, cpu_processes=1, deepspeed="none", method="lora", batch_size=2,
                    accumulative_counts=1, global_batch_size=None, dataloader_num_workers=0, lora=dict(r=8, alpha=16, dropout=0.05),
-                   warmup_ratio=0.4)
+                   warmup_ratio=0.4)  # fmt: skip
         settings = {k: {**v, **cpu} for k, v in settings.items()}
     only = set(filter(None, a.only.split(",")))
-    results = dict(gpu=gpu, peak_flops=peak, flop_model=f, torch=torch.__version__, samples=a.samples,
-                   iters=a.iters, warmup=a.warmup, date=time.strftime("%Y-%m-%d"), settings=settings, runs=[])  # fmt: skip
-    for name, s in settings.items():
-        if only and name not in only:
-            continue
-        run = run_setting(name, s, model, data, a.work, a.iters, 0 if a.cpu else 1)
-        row = summarise_run(run, f, a.warmup, peak)
-        row["wall_s"] = run["wall_s"]
-        results["runs"].append(row)
-        print(f"[bench] {name}: " + json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
-        if row.get("failed"):
-            print(row["log_tail"][-1500:], flush=True)
-        if name == "b_project" and not a.skip_equivalence:
-            results["equivalence"] = equivalence(model, Path(run["dir"]) / "cfg.py", a.out / "equivalence.log")
-            print("[bench] equivalence: " + json.dumps(results["equivalence"])[:1500], flush=True)
-        (a.out / "train_gpu.json").write_text(json.dumps(results, indent=1, default=str))  # partial results survive a kill
-    ok = {r["name"]: r for r in results["runs"] if not r.get("failed")}
-    print("\n" + table(results["runs"]))
-    if "a_stock" in ok:
-        for name, r in ok.items():
-            if name != "a_stock":
-                print(f"{name}: {r['samples_per_s'] / ok['a_stock']['samples_per_s']:.2f}x the stock samples/s, "
-                      f"{r['real_tokens_per_s'] / ok['a_stock']['real_tokens_per_s']:.2f}x its real tokens/s")
-    eq = results.get("equivalence")
-    if eq and not eq.get("failed"):
-        rnd, full, loss = eq["random_inputs_bf16"], eq["random_inputs_fp32"], eq["first_batch_loss"]
-        print(f"equivalence: SDPA vs original attention, rel. err. in bf16: ViT layer {rnd['vit_attention']:.2e}, "
-              f"LLM layer {rnd['llm_attention']:.2e} (limit 1e-2: "
-              f"{'pass' if max(rnd['vit_attention'], rnd['llm_attention']) <= 1e-2 else 'FAIL'}); whole LLM, right-padded "
-              f"batch without mask: {full['llm_model_right_padded']:.2e} in fp32 "
-              f"({'pass' if full['llm_model_right_padded'] <= 1e-4 else 'FAIL'} at 1e-4; bf16: {rnd['llm_model_right_padded']:.2e}); "
-              f"first-batch loss eager {loss['eager']:.5f} vs sdpa {loss['sdpa']:.5f}, rel. diff {loss['rel_diff']:.2e} "
-              f"({'pass' if loss['rel_diff'] <= 1e-2 else 'FAIL'})")  # fmt: skip
-    elif eq:
-        print("equivalence FAILED to run:\n" + eq["log_tail"][-1500:])
-    (a.out / "train_gpu.json").write_text(json.dumps(results, indent=1, default=str))
+    names = [n for n in settings if not only or n in only]
+    results = dict(gpu=gpu, peak_flops=peak, flop_model=f, torch=torch.__version__, samples=a.samples, iters=a.iters,
+                   warmup=a.warmup, repeats=a.repeats, date=time.strftime("%Y-%m-%d"), settings=settings, runs=[], skipped=[],
+                   command=" ".join(sys.argv))  # fmt: skip
+    save = lambda: (a.out / "train_gpu.json").write_text(json.dumps(results, indent=1, default=str))  # noqa: E731
+    first_wall: dict = {}
+    for rnd in range(a.repeats):
+        order = names if rnd == 0 else sorted(names, key=lambda n: ["q_default", "a_stock", "b_lora", "gpu24g", "q_base"].index(n)
+                                              if n in ("q_default", "a_stock", "b_lora", "gpu24g", "q_base") else 9)  # fmt: skip
+        for name in order:
+            s = settings[name]
+            if rnd and time.time() - t_start + first_wall.get(name, 60) * 1.1 > a.budget_s:
+                results["skipped"].append(f"{name} round {rnd + 1}")
+                print(f"[bench] skip {name} round {rnd + 1}: over --budget-s {a.budget_s:.0f}", flush=True)
+                continue
+            env, skip = {}, range(0)
+            if name in memory and not a.cpu:
+                env["VLMTUNE_CUDA_MEMORY_GIB"] = str(memory[name])
+            if rnd == 0 and a.profile_iters and name in ("q_base", "q_default") and not a.cpu:
+                acc = max(1, (STOCK["batch_size"] * STOCK["accumulative_counts"]) // s["batch_size"])
+                env["VLMTUNE_PROFILE"] = f"{acc + 1}:{a.profile_iters}"
+                skip = range(acc + 1, acc + 1 + a.profile_iters)
+            run = run_setting(name, s, model, data, a.work / f"{name}-r{rnd + 1}", a.iters, 0 if a.cpu else 1, env)
+            first_wall.setdefault(name, run["wall_s"] + 5)
+            row = summarise_run(run, f, a.warmup, peak, skip)
+            row.update(wall_s=run["wall_s"], round=rnd + 1)
+            results["runs"].append(row)
+            print(f"[bench] {name} r{rnd + 1}: " + json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "profile")}), flush=True)
+            if row.get("failed"):
+                print(row["log_tail"][-1500:], flush=True)
+            if rnd == 0 and name == "q_default" and not a.skip_equivalence:
+                results["equivalence"] = equivalence(model, Path(run["dir"]) / "cfg.py", a.out / "equivalence.log")
+                print("[bench] " + equivalence_text(results["equivalence"]), flush=True)
+            save()
+    by_name: dict = {}
+    for r in results["runs"]:
+        by_name.setdefault(r["name"], []).append(r)
+    stock = aggregate("a_stock", by_name["a_stock"], None) if "a_stock" in by_name else None
+    results["summary"] = [aggregate(n, by_name[n], stock) for n in names if n in by_name]
+    profiles = {r["name"]: r["profile"] for r in results["runs"] if r.get("profile")}
+    results["profiles"] = profiles
+    md = [f"GPU: {gpu}; torch {torch.__version__}; {a.samples} samples, one epoch per run, global batch 16; "
+          f"{time.strftime('%Y-%m-%d')}; command: `{results['command']}`", "", table(results["summary"])]  # fmt: skip
+    if profiles:
+        md += ["", "Profile (device time by kernel category, share of the profiled wall time; ms per iteration):", "",
+               profile_table(profiles)]  # fmt: skip
+        for name, p in profiles.items():
+            md += ["", f"Top kernels, {name}:", ""] + [f"- {t * 1e3 / p['iterations']:.1f} ms/iter  {k[:140]}" for k, t in p["top_kernels"][:12]]
+    if results.get("equivalence"):
+        md += ["", "```", equivalence_text(results["equivalence"]), "```"]
+    if results["skipped"]:
+        md += ["", "Skipped (budget): " + ", ".join(results["skipped"])]
+    gains = {r["name"]: r for r in results["summary"] if not r.get("failed")}
+    if "q_base" in gains and "q_default" in gains:
+        md += ["", f"Levers: q_default / q_base = {gains['q_default']['samples_per_s'] / gains['q_base']['samples_per_s']:.2f}x samples/s"]
+    if "gpu24g" in gains:
+        md += [f"gpu24g peak reserved {gains['gpu24g']['max_reserved_gib']:.1f} GiB "
+               f"({'within' if gains['gpu24g']['max_reserved_gib'] <= 24 else 'OVER'} 24 GiB)"]  # fmt: skip
+    text = "\n".join(md)
+    (a.out / "train_gpu.md").write_text(text + "\n")
+    save()
+    print("\n" + text)
+    print(f"[bench] total {time.time() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,11 @@ def test_schema_and_overlay_accept_the_keys():
     bad["train"]["qlora_compute_dtype"] = "float32"
     with pytest.raises(Exception, match="qlora_compute_dtype"):
         validate(bad)
+
+
+def test_profile_summary_shape():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    p = speed.summarise_profile(prof, wall_s=0.5, iterations=2)
+    assert set(p["share"]) == {*speed.CATEGORIES, "idle"} and p["iterations"] == 2
+    assert p["share"]["idle"] == 1.0  # no device kernels on CPU

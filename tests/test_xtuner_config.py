@@ -69,7 +69,8 @@ def test_short_warmup_is_refused(configs, tmp_path):
 
 
 LEVERS = {"attention": "sdpa", "gradient_checkpointing": False, "group_by_exact_length": True,
-          "cuda_expandable_segments": True, "iteration_log": True, "max_iters": 12}  # fmt: skip
+          "cuda_expandable_segments": True, "iteration_log": True, "label_only_head": True,
+          "qlora_compute_dtype": "bfloat16", "fused_norm": True, "max_iters": 12}  # fmt: skip
 
 
 def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
@@ -80,7 +81,8 @@ def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
     (tmp_path / "stock.py").write_text(text)
     assert launcher_settings(str(tmp_path / "stock.py")) == dict(
         attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-        cuda_expandable_segments=False, iteration_log=False)  # fmt: skip
+        cuda_expandable_segments=False, iteration_log=False, label_only_head=False,
+        qlora_compute_dtype="float16", fused_norm=False)  # fmt: skip
     cfg = load(text, tmp_path)
     assert cfg.train_cfg.max_epochs == 1 and "max_iters" not in cfg.train_cfg
     assert [h.type.__name__ if not isinstance(h.type, str) else h.type for h in cfg.custom_hooks] == ["DatasetInfoHook"]
@@ -168,7 +170,8 @@ def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
     (tmp_path / "tutorial.py").write_text(text)
     assert launcher_settings(str(tmp_path / "tutorial.py")) == dict(
         attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-        cuda_expandable_segments=False, iteration_log=False)  # fmt: skip
+        cuda_expandable_segments=False, iteration_log=False, label_only_head=False,
+        qlora_compute_dtype="float16", fused_norm=False)  # fmt: skip
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True and cfg.train_dataloader.batch_size == 8
     assert cfg.optim_wrapper.accumulative_counts == 2 and plan["global_batch_size"] == 64

@@ -132,7 +132,7 @@ def set_4bit_compute_dtype(model: torch.nn.Module, dtype: str) -> int:
     n = 0
     for module in model.modules():
         # bnb.nn.Linear4bit (PEFT's LoRA wrapper of it has no compute_dtype of its own)
-        if type(module).__name__ == "Linear4bit" and hasattr(module, "compute_dtype") and hasattr(module, "compute_type_is_set"):
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "compute_dtype"):
             module.compute_dtype = target
             module.compute_type_is_set = True  # keep bnb from re-deriving it from the first input
             n += 1
