@@ -41,14 +41,14 @@ def jobs(log: Path) -> list[dict]:
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         if m := STAMP.match(line):
             stamp = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y")
+            current = None
         elif m := RULE.match(line):
             current = dict(rule=m.group(1), wildcards="", start=stamp, end=None)
         elif (m := WILDCARDS.match(line)) and current is not None:
             current["wildcards"] = m.group(1)
-        elif (m := JOBID.match(line)) and current is not None:
+        elif (m := JOBID.match(line)) and current is not None and current not in order:
             started[m.group(1)] = current
             order.append(current)
-            current = None
         elif m := FINISHED.match(line):
             if m.group(1) in started:
                 started[m.group(1)]["end"] = stamp
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
         + (", ".join(f"{i}: {k} ({m})" for i, k, m in diverge) or "none") + ".")
     n_l, s_l, r_l = throughput(a.run / "logs/gpu/evaluate_finetuned.log")
     n_t, s_t, r_t = throughput(a.transformers_log)
-    say(f"\nThroughput on the same {n_l} records, batch 16, max_new_tokens as configured: LMDeploy {r_l:.2f} prompts/s "
+    say(f"\nThroughput on the same {n_l} records and generation settings: LMDeploy {r_l:.2f} prompts/s "
         f"({s_l:.1f} s), transformers {r_t:.2f} prompts/s ({s_t:.1f} s): {r_l / r_t:.1f}x.")  # fmt: skip
     if a.versions and a.versions.exists():
         say("\nVersions: " + "; ".join(a.versions.read_text().splitlines()))

@@ -114,7 +114,9 @@ def test_unknown_launcher_key_is_refused(tmp_path):
 def test_project_gpu_defaults(configs):
     train = configs[0]["train"]
     assert train["attention"] == "sdpa" and train["group_by_exact_length"] is True
-    assert train["method"] == "lora" and train["cuda_expandable_segments"] is True
+    # QLoRA is the product's method (the tutorial's); bf16 LoRA is a documented choice
+    assert train["method"] == "qlora" and train["cuda_expandable_segments"] is True
+    assert train["label_only_head"] is True and train["qlora_compute_dtype"] == "bfloat16"
     # the global batch of the tutorial (8 x 2 x 4 GPUs) is kept whatever the micro-batch
     assert train["global_batch_size"] == 64
 
@@ -141,7 +143,7 @@ def test_exact_group_lengths_use_the_tile_count():
 def test_shipped_gpu_config_keeps_the_global_batch(configs, train_json, tmp_path):
     text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", configs[0]["train"])
     cfg = load(text, tmp_path)
-    assert cfg.model.quantization_llm is False
+    assert cfg.model.quantization_llm is True  # the shipped default trains QLoRA
     assert cfg.train_dataloader.batch_size == 4 and cfg.optim_wrapper.accumulative_counts == 4
     assert plan["global_batch_size"] == 64 and plan["iterations"] == 157 * 4
 
