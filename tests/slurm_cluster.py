@@ -59,6 +59,8 @@ class SingleNodeSlurm:
         self.procs: dict[str, subprocess.Popen] = {}
         self.saved: dict[Path, bytes | None] = {}
         self.log_dir = self.root / "log"
+        self.nodes = [self.host]
+        self.per_node = ""  # suffix of slurmd's spool/pid/log files: "-%n" for several nodes
 
     # -- configuration ------------------------------------------------------------------
     def slurm_conf(self) -> str:
@@ -66,16 +68,16 @@ class SingleNodeSlurm:
         return "\n".join([
             "# written by tests/slurm_cluster.py; removed when the test ends",
             "ClusterName=vlmtune-test",
-            f"SlurmctldHost={self.host}",
+            f"SlurmctldHost={self.controller()}",
             "AuthType=auth/munge",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={state}/ctld",
-            f"SlurmdSpoolDir={state}/d",
+            f"SlurmdSpoolDir={state}/d{self.per_node}",
             f"SlurmctldPidFile={state}/slurmctld.pid",
-            f"SlurmdPidFile={state}/slurmd.pid",
+            f"SlurmdPidFile={state}/slurmd{self.per_node}.pid",
             f"SlurmctldLogFile={self.log_dir}/slurmctld.log",
-            f"SlurmdLogFile={self.log_dir}/slurmd.log",
+            f"SlurmdLogFile={self.log_dir}/slurmd{self.per_node}.log",
             "SlurmctldDebug=verbose",
             "SlurmdDebug=info",
             # no cgroup in containers: track processes by parent pid, no task binding
@@ -96,9 +98,8 @@ class SingleNodeSlurm:
             "SchedulerType=sched/backfill",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=30",
-            f"NodeName={self.host} CPUs={self.cpus} RealMemory={self.memory_mb}"
-            f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            *self.node_lines(),
+            f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ])  # fmt: skip
 
@@ -109,7 +110,15 @@ class SingleNodeSlurm:
             link = devices / f"fakegpu{i}"
             if not link.is_symlink():
                 link.symlink_to("/dev/null")
-        return f"NodeName={self.host} Name=gpu Type={self.gpu_model} File={devices}/fakegpu[0-{self.gpus - 1}]\n"
+        return "".join(f"NodeName={node} Name=gpu Type={self.gpu_model} File={devices}/fakegpu[0-{self.gpus - 1}]\n"
+                       for node in self.nodes)
+
+    def controller(self) -> str:
+        return self.host
+
+    def node_lines(self) -> list[str]:
+        return [f"NodeName={self.host} CPUs={self.cpus} RealMemory={self.memory_mb}"
+                f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN"]  # fmt: skip
 
     def _install(self, path: Path, text: str) -> None:
         if path not in self.saved:
@@ -130,10 +139,17 @@ class SingleNodeSlurm:
         self._install(SLURM_CONF, self.slurm_conf())
         self._install(GRES_CONF, self.gres_conf())
         self._start_munge()
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
-        self._spawn("slurmd", ["slurmd", "-D"])
+        self._start_daemons()
         self._wait_idle(timeout)
         return self
+
+    def _start_daemons(self) -> None:
+        self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
+        self._spawn("slurmd", ["slurmd", "-D"])
+
+    def client(self, cmd: list[str]) -> list[str]:
+        """`cmd` as run from where the controller is reachable (here: this host as it is)."""
+        return list(cmd)
 
     def _start_munge(self) -> None:
         if not MUNGE_KEY.exists():  # Debian's postinst makes one; a bare image may not have it
@@ -166,16 +182,16 @@ class SingleNodeSlurm:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise SlurmUnavailable(f"{name} exited with {proc.returncode}: " + self.logs())
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
+            out = subprocess.run(self.client(["sinfo", "-h", "-N", "-o", "%T"]), capture_output=True, text=True)
             state = out.stdout.strip()
-            if state in ("idle", "idle~"):
+            if len(state.split()) == len(self.nodes) and set(state.split()) <= {"idle", "idle~"}:
                 return
             time.sleep(0.5)
-        raise SlurmUnavailable(f"node not idle after {timeout} s (state {state!r}): " + self.logs())
+        raise SlurmUnavailable(f"nodes not idle after {timeout} s (state {state!r}): " + self.logs())
 
     def stop(self) -> None:
         """Kill our daemons (slurmd first), wait for them, put the system files back."""
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(n for n in self.procs if n.startswith("slurmd")), "slurmctld", "munged"]:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -203,3 +219,119 @@ class SingleNodeSlurm:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class TwoNodeSlurm(SingleNodeSlurm):
+    """Two Slurm nodes on this host, each with its own network stack, address and hostname.
+
+    Each node is a network namespace (`ip netns`) of its own, joined to the other by a veth
+    pair that is created directly inside the two namespaces (no interface or address is added
+    to the host's namespace, no traffic leaves them). In node `vn1`'s namespace run slurmctld
+    and slurmd, in `vn2`'s a second slurmd; each daemon also gets a UTS namespace whose
+    hostname is its node name, and the cluster's hosts file (bind-mounted over /etc/hosts by
+    bind-mounted over /etc/hosts) resolves both names, so hostname-based code (torchrun's rendezvous, gloo's
+    choice of interface) sees two real hosts. vn1 is also the submit host: clients
+    (sbatch, squeue, the test's Snakemake) run through `client()` in its namespace. munged
+    stays on the host: its socket is a file, reachable from every namespace. Per-node spool,
+    pid and log files come from `%n` in slurm.conf. Processes left in the namespaces (job
+    steps of a failed test) are killed and the namespaces and files removed in stop().
+
+    Both nodes share this host's CPUs (each declares all of them) and split its memory.
+    """
+
+    SUBNET = "10.213.77"  # only ever assigned inside the two namespaces
+
+    def __init__(self, root: Path, partition: str = "vlmtune2", gpus: int = 1, gpu_model: str = "fakegpu"):
+        super().__init__(root, partition, gpus, gpu_model)
+        self.nodes = ["vn1", "vn2"]
+        self.addrs = [f"{self.SUBNET}.{i + 1}" for i in range(len(self.nodes))]
+        tag = f"vlmt{os.getpid()}"  # distinct per test process: never someone else's namespace
+        self.netns = [f"{tag}-{node}" for node in self.nodes]
+        self.veth = [f"veth-{node}" for node in self.nodes]
+        self.memory_mb = max(1024, (node_memory_mb() - 1024) // len(self.nodes))
+        self.per_node = "-%n"
+        self.made_netns: list[str] = []
+
+    def controller(self) -> str:
+        return f"{self.nodes[0]}({self.addrs[0]})"
+
+    def node_lines(self) -> list[str]:
+        return [f"NodeName={node} NodeAddr={addr} NodeHostname={node} CPUs={self.cpus} RealMemory={self.memory_mb}"
+                f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN" for node, addr in zip(self.nodes, self.addrs)]  # fmt: skip
+
+    def on(self, node: int, cmd: list[str], as_host: bool = False) -> list[str]:
+        """`cmd` run in node `node`'s network namespace; `as_host`: also with the node's name
+        as hostname and the cluster's hosts file as /etc/hosts (private UTS and mount
+        namespaces). Not `ip netns exec`: it remounts /sys, hiding the cgroup mounts slurmd
+        wants to see."""
+        prefix = ["nsenter", f"--net=/run/netns/{self.netns[node]}"]
+        if not as_host:
+            return prefix + list(cmd)
+        # nsenter, unshare and sh all exec: the Popen's pid is the daemon's
+        setup = f'mount --bind {self.root / "hosts"} /etc/hosts && hostname {self.nodes[node]} && exec "$@"'
+        return prefix + ["unshare", "--mount", "--uts", "sh", "-c", setup, "node", *cmd]
+
+    def client(self, cmd: list[str]) -> list[str]:
+        return self.on(0, cmd)
+
+    def _ip(self, *args: str) -> None:
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SlurmUnavailable(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+
+    def _network(self) -> None:
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in zip(self.addrs, self.nodes))
+        (self.root / "hosts").write_text(hosts)
+        for ns in self.netns:
+            self._ip("netns", "add", ns)
+            self.made_netns.append(ns)
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("link", "add", self.veth[0], "netns", self.netns[0], "type", "veth", "peer", "name", self.veth[1], "netns", self.netns[1])
+        for ns, dev, addr in zip(self.netns, self.veth, self.addrs):
+            self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            self._ip("-n", ns, "link", "set", dev, "up")
+
+    def _start_daemons(self) -> None:
+        problems = [f"`{t}` not on PATH" for t in ("ip", "nsenter", "unshare") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+        if problems:
+            raise SlurmUnavailable("cannot build the two-node cluster: " + "; ".join(problems))
+        self._network()
+        self._spawn("slurmctld", self.on(0, ["slurmctld", "-D", "-i"], as_host=True))
+        for i, node in enumerate(self.nodes):
+            (self.root / f"state/d-{node}").mkdir(parents=True, exist_ok=True)
+            self._spawn(f"slurmd-{node}", self.on(i, ["slurmd", "-D", "-N", node], as_host=True))
+
+    def _spawn(self, name: str, cmd: list[str], **popen) -> None:
+        # the daemon's path resolved here (inside `sh -c` PATH lookups would also work)
+        env_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+        daemon = next((i for i, c in enumerate(cmd) if c in ("slurmctld", "slurmd", "munged")), None)
+        if daemon is not None:
+            cmd = [*cmd[:daemon], shutil.which(cmd[daemon], path=env_path) or cmd[daemon], *cmd[daemon + 1:]]
+        super()._spawn(name, cmd, **popen)
+
+    def namespace_pids(self) -> dict[str, list[int]]:
+        out = {}
+        for ns in self.made_netns:
+            proc = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            out[ns] = [int(p) for p in proc.stdout.split()]
+        return out
+
+    def stop(self) -> None:
+        """Daemons first (as SingleNodeSlurm), then whatever still runs in the namespaces
+        (all started by them or by the test), then the namespaces."""
+        try:
+            super().stop()
+        finally:
+            for sig in (15, 9):
+                pids = [p for ps in self.namespace_pids().values() for p in ps]
+                for pid in pids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.time() + 10
+                while pids and time.time() < deadline and any(self.namespace_pids().values()):
+                    time.sleep(0.2)
+            for ns in list(self.made_netns):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+                self.made_netns.remove(ns)

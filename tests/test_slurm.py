@@ -120,39 +120,63 @@ def submission(res, threads):
 
 
 def test_two_node_training_submission(dry_copy, monkeypatch):
-    """train.nodes: 2 with 4 H100 per node: one sbatch over 2 nodes holding 8 GPUs, and inside
-    the job one torchrun per node (srun) meeting at a rendezvous on the first node."""
+    """train.nodes: 2 with 4 H100 per node: one sbatch over 2 nodes asking 4 GPUs on EACH node
+    (--gres is per node; a job total, --gpus=h100:8, may be placed 5+3), one task per node, and
+    inside the job one torchrun per node (srun) meeting at a rendezvous on the first node.
+    tests/test_slurm_two_nodes.py runs this on a real two-node Slurm."""
     overlay = dry_copy / "config" / "two-nodes.yaml"
     overlay.write_text("train: {nodes: 2, gpus: 4, gpu_model: h100}\n")
     out = snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my", "--configfile", str(overlay)).stdout
     train = job_blocks(out)["train"]
     res = resources(train)
-    assert (res["nodes"], res["gpu"], res["gpu_model"]) == ("2", "8", "h100")
+    assert (res["nodes"], res["gres"], res["tasks"]) == ("2", "gpu:h100:4", "2")
+    assert res["gpu"] == "0" and res["gpu_model"] == ""  # no job-wide --gpus besides --gres
     assert "--gpus 4 --nodes 2" in train  # torchrun processes per node, nodes
     sbatch = submission(res, threads=16)
     print("sbatch for 2 nodes:", sbatch)
-    assert "--nodes=2" in sbatch and "--gpus=h100:8" in sbatch and "--cpus-per-task=16" in sbatch
-    assert "--mem 160000" in sbatch and "-t 360" in sbatch and "--ntasks-per-gpu" not in sbatch
+    assert "--nodes=2" in sbatch and " --gres=gpu:h100:4" in sbatch and "--gpus=" not in sbatch
+    assert "--cpus-per-task=16" in sbatch and "--mem 160000" in sbatch and "-t 360" in sbatch
+    assert "--ntasks" not in sbatch  # sbatch's default with --nodes: one task per node
+    # without GPUs (CPU training) the one task per node is explicit
+    cpu = submission({**res, "gres": "", "cpus_per_task": "2"}, threads=2)
+    assert "--nodes=2" in cpu and "--ntasks=2" in cpu and "--gres" not in cpu and "--gpus" not in cpu, cpu
+    # one node keeps the job-wide request
+    one = resources(job_blocks(snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my").stdout)["train"])
+    assert "--gpus=4" in submission(one, threads=16) and "--gres" not in submission(one, threads=16)
     plan = subprocess.run([sys.executable, "-c", "import json,sys; sys.path.insert(0,'src');"
                            "from vlmtune.xtuner_config import world_size; print(world_size(json.loads(sys.argv[1])))",
                            json.dumps({"device": "cuda", "gpus": 4, "nodes": 2})], cwd=dry_copy, capture_output=True, text=True)
     assert plan.stdout.strip() == "8", plan.stderr  # the rendered plan counts 8 processes
 
     from vlmtune import train
+    from vlmtune.xtuner_config import world_size
 
-    # No two-node cluster here: the job's node list is expanded by a stand-in for scontrol.
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[01-02]")
-    monkeypatch.setattr(train.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="gpu01\ngpu02\n"))
+    assert world_size({"device": "cpu", "gpus": 0, "cpu_processes": 2, "nodes": 2}) == 4
+
+    # The job's hosts come from the controller (inside the executor's step SLURM_JOB_NODELIST
+    # names the step's one node); stand-ins for scontrol here.
+    answers = {"job": "JobId=4242 JobName=x NodeList=gpu[01-02] NumNodes=2\n", "hostnames": "gpu01\ngpu02\n"}
+    calls = []
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd, **k: calls.append(cmd) or SimpleNamespace(stdout=answers[cmd[2]]))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu01")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")
     srun, endpoint = train.slurm_launch(2)
     cmd = srun + train.command("cfg.py", "work", 4, "zero1", nnodes=2, rdzv_endpoint=endpoint)
     print("in the job:", " ".join(map(str, cmd)))
-    assert srun == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1"]
-    assert endpoint == "gpu01:29500" and "--nnodes=2" in cmd and "--nproc-per-node=4" in cmd
-    monkeypatch.setattr(train.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="gpu01\n"))
+    assert calls == [["scontrol", "show", "job", "-o", "4242"], ["scontrol", "show", "hostnames", "gpu[01-02]"]]
+    assert srun[:8] == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=16",
+                        "--kill-on-bad-exit=1", "--label"]
+    assert endpoint == "gpu01:29742" and "--nnodes=2" in cmd and "--nproc-per-node=4" in cmd  # port per job
+    # srun inside the step must not take the step's one-node environment for the allocation
+    env = train.srun_env({"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu01", "SLURM_NNODES": "1",
+                          "SRUN_CPUS_PER_TASK": "16", "PATH": "/bin", "OMP_NUM_THREADS": "16"})
+    assert env == {"SLURM_JOB_ID": "4242", "PATH": "/bin", "OMP_NUM_THREADS": "16"}
+    answers["hostnames"] = "gpu01\n"
     with pytest.raises(SystemExit, match="holds 1 node"):
         train.slurm_launch(2)
-    monkeypatch.delenv("SLURM_JOB_NODELIST")
-    with pytest.raises(SystemExit, match="SLURM_JOB_NODELIST"):
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(SystemExit, match="SLURM_JOB_ID"):
         train.slurm_launch(2)
 
 

@@ -108,20 +108,59 @@ def claim_work_dir(work_dir: Path, config: Path, inputs: list[Path] = ()) -> Non
     stamp.write_text(digest + "\n")
 
 
-def slurm_launch(nodes: int, port: int = 29500) -> tuple[list[str], str]:
+# Each node's srun task announces itself before it becomes that node's torchrun, so the job's
+# log shows which host ran which node's processes (with srun --label: "<task>: ...").
+NODE_BANNER = ('echo "[vlmtune.train] node $(hostname) (Slurm node ${SLURMD_NODENAME:-?}, '
+               'index ${SLURM_NODEID:-?}) starts torchrun"; exec "$@"')  # fmt: skip
+
+
+def rendezvous_port(job_id: str | None = None, base: int = 29500) -> int:
+    """A port per Slurm job (base + job id mod 1000): jobs sharing a first node, or a retried
+    job starting while its predecessor's port is still held, do not collide."""
+    job_id = job_id if job_id is not None else os.environ.get("SLURM_JOB_ID", "")
+    return base + int(job_id) % 1000 if job_id.isdigit() else base
+
+
+# What an `srun` inside a step keeps of the step's environment: the job's identity only. The
+# rest describes the step the workflow runs in (the Slurm executor's `srun -n1`, one node),
+# and srun would take it for the allocation ("Only allocated 1 nodes asked for 2").
+SLURM_IDENTITY = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_CONF", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}
+
+
+def job_hosts(job_id: str) -> list[str]:
+    """The hosts of the whole job, from the controller: inside the executor's step,
+    SLURM_JOB_NODELIST names only the step's node."""
+    record = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+    nodelist = re.search(r"(?:^|\s)NodeList=(\S+)", record)
+    if not nodelist or nodelist.group(1) == "(null)":
+        raise SystemExit(f"Slurm job {job_id} has no node list yet: {record.strip()}")
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist.group(1)], capture_output=True,
+                          text=True, check=True).stdout.split()  # fmt: skip
+
+
+def srun_env(env: dict) -> dict:
+    return {k: v for k, v in env.items()
+            if not (k.startswith(("SRUN_", "SBATCH_")) or (k.startswith("SLURM_") and k not in SLURM_IDENTITY))}  # fmt: skip
+
+
+def slurm_launch(nodes: int, port: int | None = None) -> tuple[list[str], str]:
     """For a job over several nodes: the `srun` prefix that starts one torchrun per node
-    (sharing the step the workflow runs in, hence --overlap) and the rendezvous endpoint on
-    the job's first node."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST")
-    if not nodelist:
+    (sharing the step the workflow runs in, hence --overlap; one node failing ends the
+    others, --kill-on-bad-exit; each task with the step's CPUs) and the rendezvous endpoint
+    on the job's first node. Run it with srun_env(): srun then asks the controller for the
+    job's allocation."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
         raise SystemExit(f"train.nodes is {nodes}: multi-node training runs inside a Slurm job "
-                         "(--profile profiles/slurm); SLURM_JOB_NODELIST is not set")  # fmt: skip
-    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                           text=True, check=True).stdout.split()  # fmt: skip
+                         "(--profile profiles/slurm); SLURM_JOB_ID is not set")  # fmt: skip
+    hosts = job_hosts(job_id)
     if len(hosts) < nodes:
         raise SystemExit(f"train.nodes is {nodes} but the Slurm job holds {len(hosts)} node(s): {hosts}")
-    srun = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1"]
-    return srun, f"{hosts[0]}:{port}"
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    srun = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+            *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1", "--label",
+            "sh", "-c", NODE_BANNER, "vlmtune-node"]  # fmt: skip
+    return srun, f"{hosts[0]}:{rendezvous_port(job_id) if port is None else port}"
 
 
 def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
@@ -146,6 +185,10 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         print(f"[vlmtune.train] resuming from {resume}", flush=True)
     print("[vlmtune.train] " + " ".join(cmd), flush=True)
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", PYTHONUNBUFFERED="1")
+    if nodes > 1:
+        env = srun_env(env)
+        # torchrun's agents log the rendezvous result (group rank, global ranks) at INFO
+        env.setdefault("LOGLEVEL", "INFO")
     if gpus == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env)
@@ -160,14 +203,14 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
     if p is not None:
         # XTuner counts micro-batch iterations: with accumulation (which global_batch_size
         # adjusts to the process count) the comparable figure is the optimizer step.
-        out.update(processes=nproc, global_batch_size=p["global_batch_size"],
+        out.update(processes=nproc * nodes, nodes=nodes, global_batch_size=p["global_batch_size"],
                    accumulative_counts=p["accumulative_counts"],
                    optimizer_steps=out["iteration"] // p["accumulative_counts"])  # fmt: skip
     if summary is not None and curves is not None:
         from .telemetry import write
 
         out["summary"] = write(work_dir, summary, curves, extra=dict(
-            gpus=gpus, processes=nproc, deepspeed=deepspeed,
+            gpus=gpus, processes=nproc * nodes, nodes=nodes, deepspeed=deepspeed,
             gpu_types=gpu_types(gpus),
             plan=p))  # fmt: skip
     write_json(result, out)

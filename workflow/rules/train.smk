@@ -54,10 +54,18 @@ rule train:
     conda:
         "../../envs/xtuner.yaml"
     resources:
-        # Slurm: `--gpus=[gpu_model:]gpu` counts the whole job's GPUs, over `nodes` nodes.
+        # Slurm, one node: `--gpus=[gpu_model:]gpu`. Several nodes: GPUs per node,
+        # `--gres=gpu:[gpu_model:]N` (a job total, --gpus, may be placed unevenly), and one
+        # task per node (`--ntasks=nodes` for CPU jobs).
         nodes=TRAIN_NODES,
-        gpu=TRAIN_GPUS * TRAIN_NODES,
-        gpu_model=TRAIN.get("gpu_model") or "",
+        gpu=TRAIN_GPUS if TRAIN_NODES == 1 else 0,
+        gpu_model=(TRAIN.get("gpu_model") or "") if TRAIN_NODES == 1 else "",
+        gres=(
+            ":".join(["gpu", *filter(None, [TRAIN.get("gpu_model")]), str(TRAIN_GPUS)])
+            if TRAIN_NODES > 1 and TRAIN_GPUS
+            else ""
+        ),
+        tasks=TRAIN_NODES,
         mem_mb=TRAIN.get("mem_mb", 64000),
         runtime=TRAIN.get("runtime", 360),
         cpus_per_task=TRAIN.get("cpus_per_task", 4),
