@@ -220,3 +220,27 @@ def test_two_node_training_resumes_and_equals_a_one_node_run(tmp_path):
     gpus = dict(re.findall(r"^(\d+): gpus=(\S*)$", spread, re.M))
     assert sorted(hosts.values()) == ["vn1", "vn2"] and gpus == {"0": "0", "1": "0"}, spread
     print("GPU job over 2 nodes:", {hosts[t]: f"CUDA_VISIBLE_DEVICES={gpus[t]}" for t in hosts})
+
+
+def test_two_node_cluster_tears_down_on_failure(tmp_path):
+    """A test failing while a job runs on both nodes: leaving the cluster's `with` block ends
+    the daemons, the job's processes in both namespaces and the namespaces themselves."""
+    cluster = TwoNodeSlurm(tmp_path / "cluster")
+    job = None
+    with pytest.raises(RuntimeError, match="test failed"):
+        with cluster:
+            job = subprocess.Popen(cluster.client(["srun", "--nodes=2", "--ntasks-per-node=1", "sleep", "600"]),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            deadline = time.time() + 30
+            while time.time() < deadline and any(len(pids) < 3 for pids in cluster.namespace_pids().values()):
+                time.sleep(0.2)  # the step's slurmstepd and sleep on each node
+            busy = cluster.namespace_pids()
+            assert all(len(pids) >= 3 for pids in busy.values()), busy
+            raise RuntimeError("test failed")
+    assert job.wait(timeout=20) is not None
+    assert not any(running(name) for name in DAEMONS), {name: running(name) for name in DAEMONS}
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in listed for ns in cluster.netns), listed
+    for pid in (pid for pids in busy.values() for pid in pids):  # gone, or a zombie awaiting its reaper
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", (pid, stat.read_text())
