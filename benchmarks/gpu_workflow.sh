@@ -25,7 +25,7 @@ if [ -d .whl ] && [ ! -f "$SITE/.installed" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   touch "$SITE/.installed"
 fi
-export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
 # The GPU image's own torch (and Pillow, ...) stand in for the pinned ones: warn, don't stop.
 export VLMTUNE_ALLOW_VERSION_DRIFT=1 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 
