@@ -13,6 +13,8 @@ import yaml
 from conftest import PLANTED_TOKEN, ROOT, copy_workflow, run_snakemake
 
 PYTEST_MARK = "RAN-PYTEST"
+# This suite itself runs under `make test`: a nested make must not print "Entering directory".
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
 
 
 def apt_list() -> list[str]:
@@ -35,7 +37,7 @@ def fake_system(tmp_path: Path, uid: int, installed: bool, sudo_ok: bool) -> dic
     for name, body in fakes.items():
         (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_ / name).chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}")
+    return dict(MAKE_ENV, PATH=f"{bin_}:{os.environ['PATH']}")
 
 
 def make_test(env: dict, target: str = "test") -> subprocess.CompletedProcess:
@@ -47,11 +49,11 @@ def make_test(env: dict, target: str = "test") -> subprocess.CompletedProcess:
 
 
 def test_make_test_runs_the_install_step_first_and_ci_runs_make_test():
-    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test"], cwd=ROOT, capture_output=True, text=True).stdout
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test"], cwd=ROOT, capture_output=True, text=True, env=MAKE_ENV).stdout
     lines = dry.splitlines()
     assert lines[0] == ".ci/install-system-packages", dry
     assert "pytest" in lines[-1] and len(lines) == 2, dry
-    fast = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test-fast"], cwd=ROOT, capture_output=True, text=True).stdout
+    fast = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test-fast"], cwd=ROOT, capture_output=True, text=True, env=MAKE_ENV).stdout
     assert fast.splitlines()[0] == ".ci/install-system-packages", fast
     # CI runs the README's command and nothing else.
     commands = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
