@@ -1,4 +1,6 @@
-"""A real single-node Slurm (Debian's slurmctld/slurmd + munge) for tests/test_slurm.py.
+"""A real Slurm (Debian's slurmctld/slurmd + munge) for the tests: SingleNodeSlurm for
+tests/test_slurm.py, TwoNodeSlurm (two slurmd in two network namespaces) for
+tests/test_slurm_two_nodes.py.
 
 Installs nothing: CI installs the packages of .ci/apt-packages.txt first. Needs root, because
 the executor plugin drops SLURM_CONF before its in-job `srun`, so the configuration has to sit
@@ -10,6 +12,7 @@ uses them.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -21,6 +24,9 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 GRES_CONF = Path("/etc/slurm/gres.conf")
 MUNGE_KEY = Path("/etc/munge/munge.key")
+# One test cluster per machine at a time (slurm.conf and munged are machine-wide): test runs of
+# other checkouts or sessions wait for it instead of colliding.
+LOCK = Path("/tmp/vlmtune-test-slurm.lock")
 NEEDED = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "srun")
 
 
@@ -127,10 +133,37 @@ class SingleNodeSlurm:
         path.write_text(text)
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "SingleNodeSlurm":
+    def _lock(self, timeout: float) -> None:
+        self._lock_file = open(LOCK, "a")
+        deadline = time.time() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.time() > deadline:
+                    self._unlock()
+                    raise SlurmUnavailable(f"another test Slurm on this machine held {LOCK} for {timeout} s") from None
+                time.sleep(1)
+
+    def _unlock(self) -> None:
+        lock, self._lock_file = getattr(self, "_lock_file", None), None
+        if lock is not None:
+            lock.close()  # closing releases the flock
+
+    def start(self, timeout: float = 60, lock_timeout: float = 1800) -> "SingleNodeSlurm":
         problems = missing_requirements()
         if problems:
             raise SlurmUnavailable("cannot start the test Slurm: " + "; ".join(problems) + " (run .ci/install-system-packages as root)")
+        self._lock(lock_timeout)
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()  # what did start, and the lock
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         ours = [name for name in DAEMONS if running(name)]
         if ours:
             raise SlurmUnavailable(f"{ours} already running: the test cluster would collide with them")
@@ -141,7 +174,6 @@ class SingleNodeSlurm:
         self._start_munge()
         self._start_daemons()
         self._wait_idle(timeout)
-        return self
 
     def _start_daemons(self) -> None:
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
@@ -191,6 +223,12 @@ class SingleNodeSlurm:
 
     def stop(self) -> None:
         """Kill our daemons (slurmd first), wait for them, put the system files back."""
+        try:
+            self._stop_daemons()
+        finally:
+            self._unlock()
+
+    def _stop_daemons(self) -> None:
         for name in [*(n for n in self.procs if n.startswith("slurmd")), "slurmctld", "munged"]:
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -320,7 +358,7 @@ class TwoNodeSlurm(SingleNodeSlurm):
         """Daemons first (as SingleNodeSlurm), then whatever still runs in the namespaces
         (all started by them or by the test), then the namespaces."""
         try:
-            super().stop()
+            self._stop_daemons()
         finally:
             for sig in (15, 9):
                 pids = [p for ps in self.namespace_pids().values() for p in ps]
@@ -335,3 +373,4 @@ class TwoNodeSlurm(SingleNodeSlurm):
             for ns in list(self.made_netns):
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True)
                 self.made_netns.remove(ns)
+            self._unlock()
