@@ -64,7 +64,7 @@ QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
 STOCK = dict(  # the tutorial's XTuner settings (FIELD-NOTES §1), one GPU
     device="cuda", gpus=1, deepspeed="zero1", method="qlora", max_length=8192, batch_size=8,
     accumulative_counts=2, global_batch_size=None, dataloader_num_workers=4, max_epochs=1, lr=2e-5,
-    warmup_ratio=0.15, lora=dict(r=128, alpha=256, dropout=0.05), save_steps=100000, save_total_limit=1,
+    warmup_ratio=0.3, lora=dict(r=128, alpha=256, dropout=0.05), save_steps=100000, save_total_limit=1,
     log_interval=1, seed=0, attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
     cuda_expandable_segments=False, iteration_log=True,
 )  # fmt: skip
@@ -84,7 +84,7 @@ def project_settings(per_gpu_global_batch: int, *overlays: str) -> dict:
     for key in ("mem_mb", "runtime", "cpus_per_task", "nodes", "gpu_model"):
         train.pop(key, None)
     train.update(gpus=1, global_batch_size=per_gpu_global_batch, save_steps=100000, log_interval=1, seed=0,
-                 iteration_log=True, warmup_ratio=0.15, max_epochs=1)  # fmt: skip
+                 iteration_log=True, warmup_ratio=0.3, max_epochs=1)  # fmt: skip
     return train
 
 

@@ -77,3 +77,18 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         plans.append(re.search(r"--train-settings (.*?) --out", proc.stdout).group(1))
     assert '"lr": 0.0001' in plans[0] and plans[0] == plans[1]
+
+
+def test_label_only_head_is_refused_with_qlora(configs):
+    """Seen on an H200: the label-only head over a 4-bit output layer fails (CUBLAS); the config
+    says so before any GPU time is spent, and keeps it for bf16 LoRA."""
+    import copy
+
+    from vlmtune.config import ConfigError, validate
+
+    cfg = copy.deepcopy(configs[0])
+    cfg["train"].update(method="qlora", label_only_head=True)
+    with pytest.raises(ConfigError, match="train.label_only_head: not available with method: qlora"):
+        validate(cfg)
+    cfg["train"]["method"] = "lora"
+    validate(cfg)

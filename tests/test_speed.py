@@ -182,7 +182,7 @@ def test_schema_and_overlay_accept_the_keys():
     cfg = validate(load(root / "config" / "config.yaml", root / "config" / "gpu-24g.yaml"))
     t = cfg["train"]
     assert t["method"] == "qlora" and t["gradient_checkpointing"] is True
-    assert t["label_only_head"] is True and t["qlora_compute_dtype"] == "bfloat16"
+    assert t["label_only_head"] is False and t["qlora_compute_dtype"] == "bfloat16"
     bad = load(root / "config" / "config.yaml")
     bad["train"]["qlora_compute_dtype"] = "float32"
     with pytest.raises(Exception, match="qlora_compute_dtype"):

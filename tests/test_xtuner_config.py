@@ -116,7 +116,7 @@ def test_project_gpu_defaults(configs):
     assert train["attention"] == "sdpa" and train["group_by_exact_length"] is True
     # QLoRA is the product's method (the tutorial's); bf16 LoRA is a documented choice
     assert train["method"] == "qlora" and train["cuda_expandable_segments"] is True
-    assert train["label_only_head"] is True and train["qlora_compute_dtype"] == "bfloat16"
+    assert train["label_only_head"] is False and train["qlora_compute_dtype"] == "bfloat16"
     # the global batch of the tutorial (8 x 2 x 4 GPUs) is kept whatever the micro-batch
     assert train["global_batch_size"] == 64
 
