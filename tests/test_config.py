@@ -92,3 +92,18 @@ def test_label_only_head_is_refused_with_qlora(configs):
         validate(cfg)
     cfg["train"]["method"] = "lora"
     validate(cfg)
+
+
+def test_extraction_limits_reach_the_fetch_step(tmp_path):
+    """extraction.max_bytes / max_ratio are handed to `vlmtune.fetch dataset` (dry run)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "x.yaml").write_text("extraction: {max_bytes: 12345, max_ratio: 7.5}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "-F", "data/datasets/CLoT-Oogiri-GO-demo",
+                           "--configfile", "config/demo.yaml", str(tmp_path / "x.yaml")],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--max-extract-bytes 12345 --max-extract-ratio 7.5" in proc.stdout

@@ -60,10 +60,18 @@ def test_missing_engine_names_the_env_to_use(monkeypatch, tmp_path):
 def test_bad_inputs_are_named(tmp_path, eval_file):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "image": "x.jpg", "question": "q", "references": []}\n{oops\n', encoding="utf-8")
-    with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:2: not JSON"):
+    with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:2: malformed_json"):
         evaluate.read_eval(bad)
     bad.write_text('{"id": "a", "image": "x.jpg"}\n', encoding="utf-8")
     with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:1: record lacks question, references"):
+        evaluate.read_eval(bad)
+    # The one JSONL reader: a BOM is no record, a raw U+2028 inside a text splits nothing,
+    # a non-UTF-8 line is named.
+    good = '{"id": "a", "image": "x.jpg", "question": "q\u2028?", "references": []}'
+    bad.write_bytes(b"\xef\xbb\xbf" + good.replace("\\u2028", "\u2028").encode() + b"\n")
+    assert [r["question"] for r in evaluate.read_eval(bad)] == ["q\u2028?"]
+    bad.write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:2: not_utf8"):
         evaluate.read_eval(bad)
     with pytest.raises(evaluate.EvaluateError, match="--generation lacks top_p, seed"):
         evaluate.check_generation(dict(max_new_tokens=1, do_sample=False, temperature=1.0))

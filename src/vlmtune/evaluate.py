@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_file
+from .jsonl import iter_jsonl
 from .lmdeploy_engine import ids_digest
 from .provenance import write_for_evaluation
 from .prompt import IMG_CONTEXT, STOP_WORDS, image_tokens, training_prompt
@@ -56,19 +57,17 @@ def abbreviate(prompt: str) -> str:
 
 
 def read_eval(path: Path, limit: int | None = None) -> list[dict]:
+    """The held-out records (``eval.jsonl``, the project's one JSONL reader: lines split on
+    ``\\n`` only, BOM tolerated); EvaluateError naming file:line for a bad line or a missing key."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvaluateError(f"{path}:{n}: not JSON ({exc})") from None
-            missing = [k for k in ("id", "image", "question", "references") if k not in rec]
-            if missing:
-                raise EvaluateError(f"{path}:{n}: record lacks {', '.join(missing)}")
-            records.append(rec)
+    for line in iter_jsonl(path):
+        if line.error is not None:
+            raise EvaluateError(str(line.error))
+        rec = line.value
+        missing = [k for k in ("id", "image", "question", "references") if not isinstance(rec, dict) or k not in rec]
+        if missing:
+            raise EvaluateError(f"{line.where}: record lacks {', '.join(missing)}")
+        records.append(rec)
     return records[:limit] if limit else records
 
 

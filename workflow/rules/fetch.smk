@@ -37,6 +37,9 @@ rule fetch_dataset:
         revision=config["dataset"].get("revision") or "main",
         path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
         language=LANGUAGE,
+        # images.zip limits (vlmtune.fetch.ExtractLimits; config/README.md, extraction)
+        max_bytes=config.get("extraction", {}).get("max_bytes", 17179869184),
+        max_ratio=config.get("extraction", {}).get("max_ratio", 100),
     log:
         f"logs/{RUN}/fetch_dataset.log",
     conda:
@@ -47,4 +50,5 @@ rule fetch_dataset:
     shell:
         "python_data -m vlmtune.fetch dataset --source {params.source} --repo-id {params.repo_id:q}"
         " --revision {params.revision:q} {params.path} --language {params.language}"
+        " --max-extract-bytes {params.max_bytes} --max-extract-ratio {params.max_ratio}"
         " --out {output} > {log} 2>&1"
