@@ -15,7 +15,8 @@ from vlmtune import evaluate, metrics, report
 
 GEN = dict(max_new_tokens=6, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
 FIELDS = {"id", "image", "type", "question", "prompt", "references", "prediction", "prompt_tokens",
-          "completion_tokens", "finish_reason", "engine", "engine_version", "generation", "model"}  # fmt: skip
+          "prompt_ids_digest", "image_tokens", "completion_tokens", "completion_ids", "first_token_margin",
+          "finish_reason", "engine", "engine_backend", "engine_version", "generation", "model"}  # fmt: skip
 
 
 def perturbed_copy(model_dir, out):
@@ -73,6 +74,7 @@ def test_both_models_get_the_same_prompts_and_settings(run):
     for b, f in zip(base, ft):
         assert set(b) == set(f) == FIELDS
         assert b["prompt"] == f["prompt"] and b["generation"] == f["generation"] == GEN
+        assert b["prompt_ids_digest"] == f["prompt_ids_digest"] and b["image_tokens"] == f["image_tokens"] > 0
         assert b["prompt"].startswith("<|im_start|>system\nYou are an AI assistant whose name is InternLM (书生·浦语).<|im_end|>")
         assert re.search(r"<img><IMG_CONTEXT>\*\d+</img>\n", b["prompt"])
         assert 1 <= b["completion_tokens"] <= GEN["max_new_tokens"] and b["prompt_tokens"] > 256

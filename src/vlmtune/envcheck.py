@@ -40,7 +40,7 @@ FAMILIES = {
     ),
     "lmdeploy": dict(
         env="envs/lmdeploy.yaml",
-        requirements=["requirements/lmdeploy.txt"],
+        requirements=["requirements/lmdeploy.txt", "requirements/lmdeploy-nodeps.txt"],
         key={"lmdeploy": "lmdeploy", "Pillow": "PIL", "PyYAML": "yaml"},
     ),
 }
