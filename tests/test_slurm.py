@@ -40,7 +40,7 @@ def snakemake(workdir, *args, env=None, check=True):
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").glob("*.log"))) if (workdir / "logs").exists() else ""
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))) if (workdir / "logs").exists() else ""
         raise AssertionError(proc.stdout[-6000:] + proc.stderr[-6000:] + logs)
     return proc
 
