@@ -59,12 +59,17 @@ test-fast: venv
 	@$(SYSTEM_PACKAGES)
 	PATH=$(abspath $(BIN)):$$PATH $(PYTEST) -q -m "not slow"
 
+# Needs only the venv (ruff and snakefmt are pinned in requirements/cpu.txt); CI runs it before the tests.
 lint: venv
-	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
 	PATH=$(abspath $(BIN)):$$PATH snakefmt --check Snakefile workflow/
+	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: venv
 	PATH=$(abspath $(BIN)):$$PATH snakefmt Snakefile workflow/
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean-demo:
 	rm -rf data/demo data/models/InternVL2-tiny data/datasets/CLoT-Oogiri-GO-demo \

@@ -60,8 +60,10 @@ def make_dataset(root: Path, records: int, images: int, seed: int = 0) -> Path:
         draw = ImageDraw.Draw(img)
         for _ in range(6):
             x, y = rng.randrange(w), rng.randrange(h)
-            draw.rectangle((x, y, x + rng.randint(10, w), y + rng.randint(10, h)),
-                           fill=tuple(rng.randrange(256) for _ in range(3)))  # fmt: skip
+            draw.rectangle(
+                (x, y, x + rng.randint(10, w), y + rng.randint(10, h)),
+                fill=tuple(rng.randrange(256) for _ in range(3)),
+            )
         img.save(path, "JPEG", quality=80)
         if i % 1000 == 999:
             print(f"  generated {i + 1}/{images} images", flush=True)
@@ -77,8 +79,12 @@ def make_dataset(root: Path, records: int, images: int, seed: int = 0) -> Path:
             text = "" if rng.random() < 0.005 else f"第{i}个梗:{'哈' * rng.randint(5, 60)}"
             question = None if kind == "I2T" else f"给这张图配一句话 #{rng.randint(0, 50)}"
             star = None if rng.random() < 0.22 else rng.randint(0, 2000)
-            fh.write(json.dumps(dict(text=text, question=question, star=star, type=kind, image=image),
-                                ensure_ascii=False) + "\n")  # fmt: skip
+            fh.write(
+                json.dumps(
+                    dict(text=text, question=question, star=star, type=kind, image=image), ensure_ascii=False
+                )
+                + "\n"
+            )
     return root
 
 
@@ -98,9 +104,18 @@ def reference(jsonl: Path, out: Path) -> int:
         width, height = Image.open(root / rel).size
         if not rec["text"]:
             continue
-        samples.append({"id": len(samples), "image": rel, "width": width, "height": height,
-                        "conversations": [{"from": "human", "value": f"<image>\n{rec['question'] or DEFAULT_QUESTION}"},
-                                          {"from": "gpt", "value": rec["text"]}]})  # fmt: skip
+        samples.append(
+            {
+                "id": len(samples),
+                "image": rel,
+                "width": width,
+                "height": height,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{rec['question'] or DEFAULT_QUESTION}"},
+                    {"from": "gpt", "value": rec["text"]},
+                ],
+            }
+        )
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(samples, fh, ensure_ascii=False, indent=4)
     return len(samples)
@@ -129,8 +144,10 @@ def main() -> None:
 
     times = {"reference": [], "project": []}
     for _ in range(a.repeats):  # interleaved, so a load spike hits both
-        for name, fn in (("reference", lambda: reference(data / "cn.jsonl", a.workdir / "ref.json")),
-                         ("project", lambda: project(data, a.workdir / "proj.json", a.workers))):  # fmt: skip
+        for name, fn in (
+            ("reference", lambda: reference(data / "cn.jsonl", a.workdir / "ref.json")),
+            ("project", lambda: project(data, a.workdir / "proj.json", a.workers)),
+        ):
             t = time.perf_counter()
             n = fn()
             times[name].append(time.perf_counter() - t)
@@ -142,9 +159,12 @@ def main() -> None:
     best_ref, best_proj = min(times["reference"]), min(times["project"])
     print(f"same samples: {same} ({len(ref)} reference, {len(proj)} project)")
     med_ref, med_proj = sorted(times["reference"])[a.repeats // 2], sorted(times["project"])[a.repeats // 2]
-    print(f"reference (tutorial): {best_ref:.2f} s  project: {best_proj:.2f} s  speed-up: {best_ref / best_proj:.2f}x "
-          f"best of {a.repeats}, {med_ref / med_proj:.2f}x median ({os.cpu_count()} CPUs, {a.workers} workers, "
-          f"load average {os.getloadavg()[0]:.2f})")  # fmt: skip
+    print(
+        f"reference (tutorial): {best_ref:.2f} s  project: {best_proj:.2f} s  speed-up: "
+        f"{best_ref / best_proj:.2f}x "
+        f"best of {a.repeats}, {med_ref / med_proj:.2f}x median ({os.cpu_count()} CPUs, {a.workers} workers, "
+        f"load average {os.getloadavg()[0]:.2f})"
+    )
     if not same:
         raise SystemExit("outputs differ")
 

@@ -77,14 +77,27 @@ def training_digests(model: Path, image_folder: Path, records: list[dict]) -> di
 
     from vlmtune.lmdeploy_engine import ids_digest
 
-    samples = [dict(id=i, image=rec["image"], conversations=[
-        {"from": "human", "value": "<image>\n" + rec["question"]},
-        {"from": "gpt", "value": rec["references"][0]["text"] or "x"}]) for i, rec in enumerate(records)]  # fmt: skip
+    samples = [
+        dict(
+            id=i,
+            image=rec["image"],
+            conversations=[
+                {"from": "human", "value": "<image>\n" + rec["question"]},
+                {"from": "gpt", "value": rec["references"][0]["text"] or "x"},
+            ],
+        )
+        for i, rec in enumerate(records)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.json"
         data.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
-        ds = InternVL_V1_5_Dataset(str(model), ConfigDict(copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat)), str(data),
-                                   image_folders=str(image_folder), max_length=8192)  # fmt: skip
+        ds = InternVL_V1_5_Dataset(
+            str(model),
+            ConfigDict(copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat)),
+            str(data),
+            image_folders=str(image_folder),
+            max_length=8192,
+        )
         out = {}
         for i, rec in enumerate(records):
             item = ds.prepare_data(i)
@@ -117,8 +130,11 @@ def main(argv=None) -> None:
     table = jobs(logs[-1])
     say("| job | wildcards | wall time (s) |\n|---|---|---|")
     for j in table:
-        say(f"| {j['rule']} | {j['wildcards']} | {j['seconds']:.0f} |" if j["seconds"] is not None
-            else f"| {j['rule']} | {j['wildcards']} | (did not finish) |")  # fmt: skip
+        say(
+            f"| {j['rule']} | {j['wildcards']} | {j['seconds']:.0f} |"
+            if j["seconds"] is not None
+            else f"| {j['rule']} | {j['wildcards']} | (did not finish) |"
+        )
     done = [j for j in table if j["seconds"] is not None]
     total = (max(j["end"] for j in done) - min(j["start"] for j in done)).total_seconds() if done else 0
     say(f"\n{len(done)} of {len(table)} jobs finished; workflow wall time {total:.0f} s.")
@@ -129,19 +145,28 @@ def main(argv=None) -> None:
     tf = {r["id"]: r for r in read_jsonl(a.transformers)}
     ids = [i for i in tf if i in lmd]
     eval_records = {r["id"]: r for r in read_jsonl(a.run / "results/converted/clot-cn/eval.jsonl")}
-    train = training_digests(a.run / "results/merged/base2b-gpu", a.run / "data/datasets/clot",
-                             [eval_records[i] for i in ids])  # fmt: skip
+    train = training_digests(
+        a.run / "results/merged/base2b-gpu", a.run / "data/datasets/clot", [eval_records[i] for i in ids]
+    )
     same_tf = sum(lmd[i]["prompt_ids_digest"] == tf[i]["prompt_ids_digest"] for i in ids)
     same_train = sum(lmd[i]["prompt_ids_digest"] == train[i] for i in ids)
     tiles = sorted({lmd[i]["image_tokens"] // 256 for i in ids})
-    say(f"Prompt token ids, {len(ids)} records (fine-tuned model, folder `base2b-gpu`): LMDeploy = transformers "
+    say(
+        f"Prompt token ids, {len(ids)} records (fine-tuned model, folder `base2b-gpu`): LMDeploy = "
+        "transformers "
         f"engine on {same_tf}/{len(ids)}; LMDeploy = XTuner's training dataset on {same_train}/{len(ids)}; "
-        f"image tiles per record {tiles[0]}-{tiles[-1]} (256 tokens each).")  # fmt: skip
-    clear = [i for i in ids if tf[i]["first_token_margin"] is not None and tf[i]["first_token_margin"] >= a.margin]
+        f"image tiles per record {tiles[0]}-{tiles[-1]} (256 tokens each)."
+    )
+    clear = [
+        i for i in ids if tf[i]["first_token_margin"] is not None and tf[i]["first_token_margin"] >= a.margin
+    ]
     agree = [i for i in clear if lmd[i]["completion_ids"][:1] == tf[i]["completion_ids"][:1]]
-    say(f"First generated token: {len(agree)}/{len(clear)} agree on the records whose transformers top-1 logit leads "
+    say(
+        f"First generated token: {len(agree)}/{len(clear)} agree on the records whose transformers top-1 "
+        "logit leads "
         f"by >= {a.margin} ({100 * len(agree) / max(len(clear), 1):.1f} %); over all {len(ids)} records "
-        f"{sum(lmd[i]['completion_ids'][:1] == tf[i]['completion_ids'][:1] for i in ids)}.")  # fmt: skip
+        f"{sum(lmd[i]['completion_ids'][:1] == tf[i]['completion_ids'][:1] for i in ids)}."
+    )
     stops = set()
     for i in ids:
         stops |= {t for t in tf[i]["completion_ids"][-1:]} if tf[i]["finish_reason"] == "stop" else set()
@@ -152,13 +177,18 @@ def main(argv=None) -> None:
         k = first_divergence(x, y)
         if k is not None:
             diverge.append((i, k, tf[i]["first_token_margin"]))
-    say(f"Whole greedy output identical on {len(ids) - len(diverge)}/{len(ids)} records; first divergence "
+    say(
+        f"Whole greedy output identical on {len(ids) - len(diverge)}/{len(ids)} records; first divergence "
         "(record: token position, transformers first-token margin): "
-        + (", ".join(f"{i}: {k} ({m})" for i, k, m in diverge) or "none") + ".")
+        + (", ".join(f"{i}: {k} ({m})" for i, k, m in diverge) or "none")
+        + "."
+    )
     n_l, s_l, r_l = throughput(a.run / "logs/gpu/evaluate_finetuned.log")
     n_t, s_t, r_t = throughput(a.transformers_log)
-    say(f"\nThroughput on the same {n_l} records and generation settings: LMDeploy {r_l:.2f} prompts/s "
-        f"({s_l:.1f} s), transformers {r_t:.2f} prompts/s ({s_t:.1f} s): {r_l / r_t:.1f}x.")  # fmt: skip
+    say(
+        f"\nThroughput on the same {n_l} records and generation settings: LMDeploy {r_l:.2f} prompts/s "
+        f"({s_l:.1f} s), transformers {r_t:.2f} prompts/s ({s_t:.1f} s): {r_l / r_t:.1f}x."
+    )
     if a.versions and a.versions.exists():
         say("\nVersions: " + "; ".join(a.versions.read_text().splitlines()))
     text = "\n".join(lines) + "\n"

@@ -62,12 +62,29 @@ sys.path.insert(0, str(ROOT / "src"))
 
 QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
 STOCK = dict(  # the tutorial's XTuner settings (FIELD-NOTES §1), one GPU
-    device="cuda", gpus=1, deepspeed="zero1", method="qlora", max_length=8192, batch_size=8,
-    accumulative_counts=2, global_batch_size=None, dataloader_num_workers=4, max_epochs=1, lr=2e-5,
-    warmup_ratio=0.3, lora=dict(r=128, alpha=256, dropout=0.05), save_steps=100000, save_total_limit=1,
-    log_interval=1, seed=0, attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-    cuda_expandable_segments=False, iteration_log=True,
-)  # fmt: skip
+    device="cuda",
+    gpus=1,
+    deepspeed="zero1",
+    method="qlora",
+    max_length=8192,
+    batch_size=8,
+    accumulative_counts=2,
+    global_batch_size=None,
+    dataloader_num_workers=4,
+    max_epochs=1,
+    lr=2e-5,
+    warmup_ratio=0.3,
+    lora=dict(r=128, alpha=256, dropout=0.05),
+    save_steps=100000,
+    save_total_limit=1,
+    log_interval=1,
+    seed=0,
+    attention="eager",
+    gradient_checkpointing=True,
+    group_by_exact_length=False,
+    cuda_expandable_segments=False,
+    iteration_log=True,
+)
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
@@ -83,8 +100,16 @@ def project_settings(per_gpu_global_batch: int, *overlays: str) -> dict:
     train = dict(load(ROOT / "config" / "config.yaml", *(ROOT / "config" / o for o in overlays))["train"])
     for key in ("mem_mb", "runtime", "cpus_per_task", "nodes", "gpu_model"):
         train.pop(key, None)
-    train.update(gpus=1, global_batch_size=per_gpu_global_batch, save_steps=100000, log_interval=1, seed=0,
-                 iteration_log=True, warmup_ratio=0.3, max_epochs=1)  # fmt: skip
+    train.update(
+        gpus=1,
+        global_batch_size=per_gpu_global_batch,
+        save_steps=100000,
+        log_interval=1,
+        seed=0,
+        iteration_log=True,
+        warmup_ratio=0.3,
+        max_epochs=1,
+    )
     return train
 
 
@@ -113,7 +138,11 @@ def make_samples(out: Path, n: int, seed: int) -> tuple[Path, list[str]]:
     for i in range(n):
         long_side = rng.randint(300, 1200)
         aspect = rng.choice([1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 0.5, 1.5, 2 / 3]) * rng.uniform(0.9, 1.1)
-        w, h = (long_side, max(300, int(long_side / aspect))) if aspect >= 1 else (max(300, int(long_side * aspect)), long_side)
+        w, h = (
+            (long_side, max(300, int(long_side / aspect)))
+            if aspect >= 1
+            else (max(300, int(long_side * aspect)), long_side)
+        )
         w, h = min(w, 1200), min(h, 1200)
         base = np.random.default_rng(seed + i).integers(0, 255, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
         img = Image.fromarray(base).resize((w, h), Image.BILINEAR)  # smooth, photo-like JPEG sizes
@@ -121,8 +150,18 @@ def make_samples(out: Path, n: int, seed: int) -> tuple[Path, list[str]]:
         img.save(out / name, quality=85)
         answer = "".join(rng.choice(chars) for _ in range(rng.randint(10, 60)))
         answers.append(answer)
-        records.append(dict(id=i, image=name, width=w, height=h, conversations=[
-            dict(**{"from": "human"}, value="<image>\n" + QUESTION), dict(**{"from": "gpt"}, value=answer)]))  # fmt: skip
+        records.append(
+            dict(
+                id=i,
+                image=name,
+                width=w,
+                height=h,
+                conversations=[
+                    dict(**{"from": "human"}, value="<image>\n" + QUESTION),
+                    dict(**{"from": "gpt"}, value=answer),
+                ],
+            )
+        )
     path = out / "train.json"
     path.write_text(json.dumps(records, ensure_ascii=False))
     return path, answers
@@ -138,19 +177,35 @@ def flop_model(model_dir: Path, lora_r: int) -> dict:
     merged = dv * int(1 / cfg["downsample_ratio"]) ** 2
     d, hd = l["hidden_size"], l["hidden_size"] // l["num_attention_heads"]
     qkv_out = (l["num_attention_heads"] + 2 * l["num_key_value_heads"]) * hd
-    linears = [(d, qkv_out), (d, d), (d, l["intermediate_size"]), (d, l["intermediate_size"]), (l["intermediate_size"], d)]
-    return dict(p_vit=p_vit, vit_tokens=vit_tokens, vit_layers=lv, vit_hidden=dv, p_mlp1=merged * d + d * d,
-                tokens_per_tile=int((cfg["force_image_size"] // v["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2),
-                p_llm=l["num_hidden_layers"] * sum(i * o for i, o in linears),
-                p_lora=l["num_hidden_layers"] * sum(lora_r * (i + o) for i, o in linears),
-                p_head=d * l["vocab_size"], p_head_lora=lora_r * (d + l["vocab_size"]),
-                llm_layers=l["num_hidden_layers"], llm_hidden=d)  # fmt: skip
+    linears = [
+        (d, qkv_out),
+        (d, d),
+        (d, l["intermediate_size"]),
+        (d, l["intermediate_size"]),
+        (l["intermediate_size"], d),
+    ]
+    return dict(
+        p_vit=p_vit,
+        vit_tokens=vit_tokens,
+        vit_layers=lv,
+        vit_hidden=dv,
+        p_mlp1=merged * d + d * d,
+        tokens_per_tile=int((cfg["force_image_size"] // v["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2),
+        p_llm=l["num_hidden_layers"] * sum(i * o for i, o in linears),
+        p_lora=l["num_hidden_layers"] * sum(lora_r * (i + o) for i, o in linears),
+        p_head=d * l["vocab_size"],
+        p_head_lora=lora_r * (d + l["vocab_size"]),
+        llm_layers=l["num_hidden_layers"],
+        llm_hidden=d,
+    )
 
 
 def iteration_flops(f: dict, rec: dict, recompute: bool) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one iteration record (``labelled``: positions with a label)."""
     tiles, t, n = rec["tiles"], rec["real_tokens"], rec["labelled"]
-    vit = tiles * (2 * f["p_vit"] * f["vit_tokens"] + 4 * f["vit_tokens"] ** 2 * f["vit_hidden"] * f["vit_layers"])
+    vit = tiles * (
+        2 * f["p_vit"] * f["vit_tokens"] + 4 * f["vit_tokens"] ** 2 * f["vit_hidden"] * f["vit_layers"]
+    )
     mlp1 = 6 * f["p_mlp1"] * f["tokens_per_tile"] * tiles
     attn_fwd = sum(2 * L * L * f["llm_hidden"] * f["llm_layers"] for L in rec["lengths"])
     head = 4 * f["p_head"] * n + 6 * f["p_head_lora"] * n
@@ -165,21 +220,59 @@ def sh(cmd: list[str], log: Path, env=None) -> int:
         return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run_setting(name: str, settings: dict, model: Path, data: Path, d: Path, iters: int, gpus: int,
-                env: dict) -> dict:  # fmt: skip
+def run_setting(
+    name: str, settings: dict, model: Path, data: Path, d: Path, iters: int, gpus: int, env: dict
+) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     settings = dict(settings, max_iters=iters or None)
     settings.pop("memory_gib", None)
     py = sys.executable
-    rc = sh([py, "-m", "vlmtune.xtuner_config", "--model", str(model), "--train-json", str(data), "--image-folder",
-             str(data.parent), "--train-settings", json.dumps(settings), "--out", str(d / "cfg.py"), "--plan",
-             str(d / "plan.json")], d / "render.log")  # fmt: skip
+    rc = sh(
+        [
+            py,
+            "-m",
+            "vlmtune.xtuner_config",
+            "--model",
+            str(model),
+            "--train-json",
+            str(data),
+            "--image-folder",
+            str(data.parent),
+            "--train-settings",
+            json.dumps(settings),
+            "--out",
+            str(d / "cfg.py"),
+            "--plan",
+            str(d / "plan.json"),
+        ],
+        d / "render.log",
+    )
     if rc:
-        raise SystemExit(f"{name}: render failed, see {d / 'render.log'}:\n" + (d / "render.log").read_text()[-2000:])
+        raise SystemExit(
+            f"{name}: render failed, see {d / 'render.log'}:\n" + (d / "render.log").read_text()[-2000:]
+        )
     t0 = time.time()
-    rc = sh([py, "-m", "vlmtune.train", "--config", str(d / "cfg.py"), "--plan", str(d / "plan.json"), "--work-dir",
-             str(d / "work"), "--result", str(d / "result.json"), "--gpus", str(gpus), "--deepspeed", settings["deepspeed"]],
-            d / "train.log", env={**os.environ, "VLMTUNE_BENCH_HOOK": "1", **env})  # fmt: skip
+    rc = sh(
+        [
+            py,
+            "-m",
+            "vlmtune.train",
+            "--config",
+            str(d / "cfg.py"),
+            "--plan",
+            str(d / "plan.json"),
+            "--work-dir",
+            str(d / "work"),
+            "--result",
+            str(d / "result.json"),
+            "--gpus",
+            str(gpus),
+            "--deepspeed",
+            settings["deepspeed"],
+        ],
+        d / "train.log",
+        env={**os.environ, "VLMTUNE_BENCH_HOOK": "1", **env},
+    )
     return dict(name=name, settings=settings, rc=rc, wall_s=time.time() - t0, dir=str(d))
 
 
@@ -193,18 +286,33 @@ def summarise_run(run: dict, f: dict, warmup: int, peak: float, skip: range = ra
     if run["rc"] or not path.exists() or not path.read_text().strip():
         tail = (Path(run["dir"]) / "train.log").read_text(errors="replace")[-3000:]
         return dict(name=run["name"], failed=True, oom="out of memory" in tail.lower(), log_tail=tail)
-    labelled = {r["iteration"]: r["labelled"] for r in read(work / "labels.jsonl")} if (work / "labels.jsonl").exists() else {}
+    labelled = (
+        {r["iteration"]: r["labelled"] for r in read(work / "labels.jsonl")}
+        if (work / "labels.jsonl").exists()
+        else {}
+    )
     recs = [dict(r, labelled=labelled.get(r["iteration"], 0)) for r in read(path)]
-    warmup = warmup if warmup >= 0 else json.loads((Path(run["dir"]) / "plan.json").read_text())["accumulative_counts"]
+    warmup = (
+        warmup
+        if warmup >= 0
+        else json.loads((Path(run["dir"]) / "plan.json").read_text())["accumulative_counts"]
+    )
     recs = recs[:warmup] + [r for r in recs[warmup:] if r["iteration"] not in skip]
     s = summarise(recs, warmup)
     window = recs[warmup:]
     recompute = bool(run["settings"].get("gradient_checkpointing", True))
     model_flops = sum(iteration_flops(f, r, recompute)[0] for r in window)
     hw_flops = sum(iteration_flops(f, r, recompute)[1] for r in window)
-    s.update(name=run["name"], failed=False, mfu=model_flops / s["seconds"] / peak, hfu=hw_flops / s["seconds"] / peak,
-             tflops=model_flops / s["seconds"] / 1e12, labelled_per_sample=sum(r["labelled"] for r in window) / sum(r["samples"] for r in window),
-             samples_measured=sum(r["samples"] for r in window), profiled_left_out=len(skip))  # fmt: skip
+    s.update(
+        name=run["name"],
+        failed=False,
+        mfu=model_flops / s["seconds"] / peak,
+        hfu=hw_flops / s["seconds"] / peak,
+        tflops=model_flops / s["seconds"] / 1e12,
+        labelled_per_sample=sum(r["labelled"] for r in window) / sum(r["samples"] for r in window),
+        samples_measured=sum(r["samples"] for r in window),
+        profiled_left_out=len(skip),
+    )
     prof = work / "profile.json"
     if prof.exists():
         s["profile"] = json.loads(prof.read_text())
@@ -258,8 +366,11 @@ pos, _ = speed.label_positions(labels)
 head = lm.get_output_embeddings()
 with torch.no_grad():
     full = head(hidden).float().reshape(-1, lm.config.vocab_size).index_select(0, pos)
-    out["module_head_label_rows"] = rel(head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)).float(), full)
-    lin = next((m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "compute_dtype")), None)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos)
+    out["module_head_label_rows"] = rel(head(rows).float(), full)
+    lin = next(
+        (m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "compute_dtype")), None
+    )
     if lin is not None:
         x = torch.randn(512, lin.in_features, device=dev, dtype=dtype)
         lin.compute_dtype = torch.float16; ref = lin(x)
@@ -275,7 +386,8 @@ ref = losses["unpatched"]
 out["losses"] = losses
 out["rel_diff"] = {k: abs(v - ref) / abs(ref) for k, v in losses.items() if k != "unpatched"}
 out["layers_4bit"] = n4
-out["batch"] = dict(real_tokens=int(batch["attention_mask"].sum()), padded=int(batch["attention_mask"].numel()),
+out["batch"] = dict(real_tokens=int(batch["attention_mask"].sum()),
+                    padded=int(batch["attention_mask"].numel()),
                     labelled=int((batch["labels"][:, 1:] != -100).sum()))
 print("EQUIVALENCE " + json.dumps(out))
 """
@@ -283,25 +395,42 @@ print("EQUIVALENCE " + json.dumps(out))
 
 def equivalence(model: Path, cfg: Path, log: Path) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-c", EQUIVALENCE, str(model), str(cfg), str(ROOT)],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", EQUIVALENCE, str(model), str(cfg), str(ROOT)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     log.write_text(proc.stdout + proc.stderr)
     for line in proc.stdout.splitlines():
         if line.startswith("EQUIVALENCE "):
-            return json.loads(line[len("EQUIVALENCE "):])
+            return json.loads(line[len("EQUIVALENCE ") :])
     return dict(failed=True, log_tail=(proc.stdout + proc.stderr)[-3000:])
 
 
 def equivalence_text(eq: dict) -> str:
     if eq.get("failed"):
         return "equivalence FAILED to run:\n" + eq["log_tail"][-1500:]
-    lines = [f"equivalence (first batch: {eq['batch']['real_tokens']:,} real of {eq['batch']['padded']:,} tokens, "
-             f"{eq['batch']['labelled']} labelled; {eq['layers_4bit']} 4-bit layers), loss unpatched {eq['losses']['unpatched']:.5f}:"]  # fmt: skip
+    lines = [
+        f"equivalence (first batch: {eq['batch']['real_tokens']:,} real of {eq['batch']['padded']:,} tokens, "
+        f"{eq['batch']['labelled']} labelled; {eq['layers_4bit']} 4-bit layers), loss unpatched "
+        f"{eq['losses']['unpatched']:.5f}:"
+    ]
     for k, d in eq["rel_diff"].items():
-        lines.append(f"  {k}: loss {eq['losses'][k]:.5f}, rel. diff {d:.2e} ({'pass' if d <= 1e-3 else 'FAIL'} at 1e-3)")
-    for k in ("module_head_label_rows", "module_4bit_bf16_vs_fp16", "module_rms_norm_fused", "module_swiglu_fused"):
+        lines.append(
+            f"  {k}: loss {eq['losses'][k]:.5f}, rel. diff {d:.2e} ({'pass' if d <= 1e-3 else 'FAIL'} at "
+            "1e-3)"
+        )
+    for k in (
+        "module_head_label_rows",
+        "module_4bit_bf16_vs_fp16",
+        "module_rms_norm_fused",
+        "module_swiglu_fused",
+    ):
         if k in eq:
-            lines.append(f"  {k}: rel. err. {eq[k]:.2e} ({'pass' if eq[k] <= 1e-2 else 'FAIL'} at 1e-2, bf16)")
+            lines.append(
+                f"  {k}: rel. err. {eq[k]:.2e} ({'pass' if eq[k] <= 1e-2 else 'FAIL'} at 1e-2, bf16)"
+            )
     return "\n".join(lines)
 
 
@@ -311,10 +440,26 @@ def aggregate(name: str, rows: list[dict], stock: dict | None) -> dict:
     if not ok:
         return dict(name=name, failed=True, oom=any(r.get("oom") for r in rows), runs=len(rows))
     med = lambda k: statistics.median(r[k] for r in ok)  # noqa: E731
-    agg = dict(name=name, failed=False, runs=len(ok), failed_runs=len(rows) - len(ok),
-               samples_per_s_each=[round(r["samples_per_s"], 3) for r in ok])  # fmt: skip
-    for k in ("median_s_per_iter", "samples_per_s", "real_tokens_per_s", "padding_share", "tiles_per_sample",
-              "data_wait_share", "mfu", "hfu", "tflops", "labelled_per_sample", "samples_measured"):
+    agg = dict(
+        name=name,
+        failed=False,
+        runs=len(ok),
+        failed_runs=len(rows) - len(ok),
+        samples_per_s_each=[round(r["samples_per_s"], 3) for r in ok],
+    )
+    for k in (
+        "median_s_per_iter",
+        "samples_per_s",
+        "real_tokens_per_s",
+        "padding_share",
+        "tiles_per_sample",
+        "data_wait_share",
+        "mfu",
+        "hfu",
+        "tflops",
+        "labelled_per_sample",
+        "samples_measured",
+    ):
         agg[k] = med(k)
     agg["max_allocated_gib"] = max(r["max_allocated_gib"] for r in ok)
     agg["max_reserved_gib"] = max(r["max_reserved_gib"] for r in ok)
@@ -324,17 +469,37 @@ def aggregate(name: str, rows: list[dict], stock: dict | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("setting", "runs", "samples/s (median)", "each run", "× stock", "real tokens/s", "padding", "tiles/sample",
-            "data wait", "peak alloc GiB", "peak reserved GiB", "MFU", "HFU")  # fmt: skip
+    head = (
+        "setting",
+        "runs",
+        "samples/s (median)",
+        "each run",
+        "× stock",
+        "real tokens/s",
+        "padding",
+        "tiles/sample",
+        "data wait",
+        "peak alloc GiB",
+        "peak reserved GiB",
+        "MFU",
+        "HFU",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['name']} | {r['runs']} | failed{' (out of memory)' if r.get('oom') else ''} |" + " |" * (len(head) - 3))
+            lines.append(
+                f"| {r['name']} | {r['runs']} | failed{' (out of memory)' if r.get('oom') else ''} |"
+                + " |" * (len(head) - 3)
+            )
             continue
         each = " / ".join(f"{x:.2f}" for x in r["samples_per_s_each"])
-        lines.append(f"| {r['name']} | {r['runs']} | {r['samples_per_s']:.2f} | {each} | {r.get('x_stock', float('nan')):.2f} | "
-                     f"{r['real_tokens_per_s']:,.0f} | {r['padding_share']:.1%} | {r['tiles_per_sample']:.2f} | {r['data_wait_share']:.1%} | "
-                     f"{r['max_allocated_gib']:.1f} | {r['max_reserved_gib']:.1f} | {r['mfu']:.1%} | {r['hfu']:.1%} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['runs']} | {r['samples_per_s']:.2f} | {each} | "
+            f"{r.get('x_stock', float('nan')):.2f} | "
+            f"{r['real_tokens_per_s']:,.0f} | {r['padding_share']:.1%} | {r['tiles_per_sample']:.2f} | "
+            f"{r['data_wait_share']:.1%} | "
+            f"{r['max_allocated_gib']:.1f} | {r['max_reserved_gib']:.1f} | {r['mfu']:.1%} | {r['hfu']:.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -344,8 +509,15 @@ def profile_table(profiles: dict) -> str:
     cats = (*CATEGORIES, "idle")
     lines = ["| setting | s/iter (profiled) | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 2)]
     for name, p in profiles.items():
-        lines.append(f"| {name} | {p['wall_s'] / p['iterations']:.3f} | " + " | ".join(
-            f"{p['share'][c]:.1%} ({p['seconds'].get(c, p['wall_s'] * p['share'][c]) / p['iterations'] * 1e3:.0f} ms)" for c in cats) + " |")  # fmt: skip
+        lines.append(
+            f"| {name} | {p['wall_s'] / p['iterations']:.3f} | "
+            + " | ".join(
+                f"{p['share'][c]:.1%} "
+                f"({p['seconds'].get(c, p['wall_s'] * p['share'][c]) / p['iterations'] * 1e3:.0f} ms)"
+                for c in cats
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -354,13 +526,29 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_gpu"))
     ap.add_argument("--out", type=Path, default=Path("results/bench"))
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--iters", type=int, default=0, help="iterations per setting (0: one epoch, so every setting "
-                    "trains on the same samples and samples/s compare)")  # fmt: skip
-    ap.add_argument("--warmup", type=int, default=-1, help="iterations left out of the figures (-1: the first optimizer step)")
-    ap.add_argument("--repeats", type=int, default=2, help="runs per setting (rounds); the median is reported")
-    ap.add_argument("--budget-s", type=float, default=500, help="skip runs that would end after this many seconds")
-    ap.add_argument("--profile-iters", type=int, default=3, help="profiled iterations of q_base and q_default (0: none)")
-    ap.add_argument("--variants", default="{}", help='JSON {name: {train overrides of q_default}}')
+    ap.add_argument(
+        "--iters",
+        type=int,
+        default=0,
+        help="iterations per setting (0: one epoch, so every setting "
+        "trains on the same samples and samples/s compare)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        help="iterations left out of the figures (-1: the first optimizer step)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="runs per setting (rounds); the median is reported"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=500, help="skip runs that would end after this many seconds"
+    )
+    ap.add_argument(
+        "--profile-iters", type=int, default=3, help="profiled iterations of q_base and q_default (0: none)"
+    )
+    ap.add_argument("--variants", default="{}", help="JSON {name: {train overrides of q_default}}")
     ap.add_argument("--only", default="", help="comma-separated settings to run (default: all)")
     ap.add_argument("--skip-equivalence", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -386,20 +574,52 @@ def main(argv=None) -> None:
         settings[name] = {**settings["q_default"], **over}
     memory = {"gpu24g": 24}
     if a.cpu:
-        cpu = dict(device="cpu", gpus=0, cpu_processes=1, deepspeed="none", method="lora", batch_size=2,
-                   accumulative_counts=1, global_batch_size=None, dataloader_num_workers=0, lora=dict(r=8, alpha=16, dropout=0.05),
-                   warmup_ratio=0.4)  # fmt: skip
+        cpu = dict(
+            device="cpu",
+            gpus=0,
+            cpu_processes=1,
+            deepspeed="none",
+            method="lora",
+            batch_size=2,
+            accumulative_counts=1,
+            global_batch_size=None,
+            dataloader_num_workers=0,
+            lora=dict(r=8, alpha=16, dropout=0.05),
+            warmup_ratio=0.4,
+        )
         settings = {k: {**v, **cpu} for k, v in settings.items()}
     only = set(filter(None, a.only.split(",")))
     names = [n for n in settings if not only or n in only]
-    results = dict(gpu=gpu, peak_flops=peak, flop_model=f, torch=torch.__version__, samples=a.samples, iters=a.iters,
-                   warmup=a.warmup, repeats=a.repeats, date=time.strftime("%Y-%m-%d"), settings=settings, runs=[], skipped=[],
-                   command=" ".join(sys.argv))  # fmt: skip
+    results = dict(
+        gpu=gpu,
+        peak_flops=peak,
+        flop_model=f,
+        torch=torch.__version__,
+        samples=a.samples,
+        iters=a.iters,
+        warmup=a.warmup,
+        repeats=a.repeats,
+        date=time.strftime("%Y-%m-%d"),
+        settings=settings,
+        runs=[],
+        skipped=[],
+        command=" ".join(sys.argv),
+    )
     save = lambda: (a.out / "train_gpu.json").write_text(json.dumps(results, indent=1, default=str))  # noqa: E731
     first_wall: dict = {}
     for rnd in range(a.repeats):
-        order = names if rnd == 0 else sorted(names, key=lambda n: ["q_default", "a_stock", "b_lora", "gpu24g", "q_base"].index(n)
-                                              if n in ("q_default", "a_stock", "b_lora", "gpu24g", "q_base") else 9)  # fmt: skip
+        order = (
+            names
+            if rnd == 0
+            else sorted(
+                names,
+                key=lambda n: (
+                    ["q_default", "a_stock", "b_lora", "gpu24g", "q_base"].index(n)
+                    if n in ("q_default", "a_stock", "b_lora", "gpu24g", "q_base")
+                    else 9
+                ),
+            )
+        )
         for name in order:
             s = settings[name]
             if rnd and time.time() - t_start + first_wall.get(name, 60) * 1.1 > a.budget_s:
@@ -413,16 +633,24 @@ def main(argv=None) -> None:
                 acc = max(1, (STOCK["batch_size"] * STOCK["accumulative_counts"]) // s["batch_size"])
                 env["VLMTUNE_PROFILE"] = f"{acc + 1}:{a.profile_iters}"
                 skip = range(acc + 1, acc + 1 + a.profile_iters)
-            run = run_setting(name, s, model, data, a.work / f"{name}-r{rnd + 1}", a.iters, 0 if a.cpu else 1, env)
+            run = run_setting(
+                name, s, model, data, a.work / f"{name}-r{rnd + 1}", a.iters, 0 if a.cpu else 1, env
+            )
             first_wall.setdefault(name, run["wall_s"] + 5)
             row = summarise_run(run, f, a.warmup, peak, skip)
             row.update(wall_s=run["wall_s"], round=rnd + 1)
             results["runs"].append(row)
-            print(f"[bench] {name} r{rnd + 1}: " + json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "profile")}), flush=True)
+            print(
+                f"[bench] {name} r{rnd + 1}: "
+                + json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "profile")}),
+                flush=True,
+            )
             if row.get("failed"):
                 print(row["log_tail"][-1500:], flush=True)
             if rnd == 0 and name == "q_default" and not a.skip_equivalence:
-                results["equivalence"] = equivalence(model, Path(run["dir"]) / "cfg.py", a.out / "equivalence.log")
+                results["equivalence"] = equivalence(
+                    model, Path(run["dir"]) / "cfg.py", a.out / "equivalence.log"
+                )
                 print("[bench] " + equivalence_text(results["equivalence"]), flush=True)
             save()
     by_name: dict = {}
@@ -432,23 +660,39 @@ def main(argv=None) -> None:
     results["summary"] = [aggregate(n, by_name[n], stock) for n in names if n in by_name]
     profiles = {r["name"]: r["profile"] for r in results["runs"] if r.get("profile")}
     results["profiles"] = profiles
-    md = [f"GPU: {gpu}; torch {torch.__version__}; {a.samples} samples, one epoch per run, global batch 16; "
-          f"{time.strftime('%Y-%m-%d')}; command: `{results['command']}`", "", table(results["summary"])]  # fmt: skip
+    md = [
+        f"GPU: {gpu}; torch {torch.__version__}; {a.samples} samples, one epoch per run, global batch 16; "
+        f"{time.strftime('%Y-%m-%d')}; command: `{results['command']}`",
+        "",
+        table(results["summary"]),
+    ]
     if profiles:
-        md += ["", "Profile (device time by kernel category, share of the profiled wall time; ms per iteration):", "",
-               profile_table(profiles)]  # fmt: skip
+        md += [
+            "",
+            "Profile (device time by kernel category, share of the profiled wall time; ms per iteration):",
+            "",
+            profile_table(profiles),
+        ]
         for name, p in profiles.items():
-            md += ["", f"Top kernels, {name}:", ""] + [f"- {t * 1e3 / p['iterations']:.1f} ms/iter  {k[:140]}" for k, t in p["top_kernels"][:12]]
+            md += ["", f"Top kernels, {name}:", ""] + [
+                f"- {t * 1e3 / p['iterations']:.1f} ms/iter  {k[:140]}" for k, t in p["top_kernels"][:12]
+            ]
     if results.get("equivalence"):
         md += ["", "```", equivalence_text(results["equivalence"]), "```"]
     if results["skipped"]:
         md += ["", "Skipped (budget): " + ", ".join(results["skipped"])]
     gains = {r["name"]: r for r in results["summary"] if not r.get("failed")}
     if "q_base" in gains and "q_default" in gains:
-        md += ["", f"Levers: q_default / q_base = {gains['q_default']['samples_per_s'] / gains['q_base']['samples_per_s']:.2f}x samples/s"]
+        md += [
+            "",
+            "Levers: q_default / q_base = "
+            f"{gains['q_default']['samples_per_s'] / gains['q_base']['samples_per_s']:.2f}x samples/s",
+        ]
     if "gpu24g" in gains:
-        md += [f"gpu24g peak reserved {gains['gpu24g']['max_reserved_gib']:.1f} GiB "
-               f"({'within' if gains['gpu24g']['max_reserved_gib'] <= 24 else 'OVER'} 24 GiB)"]  # fmt: skip
+        md += [
+            f"gpu24g peak reserved {gains['gpu24g']['max_reserved_gib']:.1f} GiB "
+            f"({'within' if gains['gpu24g']['max_reserved_gib'] <= 24 else 'OVER'} 24 GiB)"
+        ]
     text = "\n".join(md)
     (a.out / "train_gpu.md").write_text(text + "\n")
     save()

@@ -25,7 +25,9 @@ def tiny_model(tmp_path_factory):
 def configs():
     from vlmtune.config import load
 
-    return load(ROOT / "config" / "config.yaml"), load(ROOT / "config" / "config.yaml", ROOT / "config" / "demo.yaml")
+    return load(ROOT / "config" / "config.yaml"), load(
+        ROOT / "config" / "config.yaml", ROOT / "config" / "demo.yaml"
+    )
 
 
 # A hub token planted in the demo run's environment: it must land in no file (test_reproducibility).
@@ -48,10 +50,19 @@ def run_snakemake(workdir: Path, *args, check=True, env=None):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True,
-                          text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))) if (workdir / "logs").exists() else ""
+        logs = (
+            "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+            if (workdir / "logs").exists()
+            else ""
+        )
         raise AssertionError(proc.stdout[-5000:] + proc.stderr[-5000:] + logs)
     return proc
 

@@ -134,7 +134,9 @@ class HubServer:
                 if parts[:1] == ["datasets"]:
                     repo_type, parts = "dataset", parts[1:]
                 if len(parts) >= 5 and parts[2] == "resolve":
-                    return self._file(method, repo_type, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), fault)
+                    return self._file(
+                        method, repo_type, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), fault
+                    )
                 return self._error(404)
 
             def _lookup(self, repo_type: str, repo_id: str, rev: str):
@@ -149,8 +151,14 @@ class HubServer:
                 repo, commit = self._lookup(repo_type, repo_id, rev)
                 if commit is None:
                     return
-                body = json.dumps({"id": repo_id, "sha": commit, "private": False,
-                                   "siblings": [repo.sibling(n) for n in sorted(repo.files)]}).encode()  # fmt: skip
+                body = json.dumps(
+                    {
+                        "id": repo_id,
+                        "sha": commit,
+                        "private": False,
+                        "siblings": [repo.sibling(n) for n in sorted(repo.files)],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -40,8 +40,13 @@ class MsRepo:
     def files(self, rev: str) -> list[dict]:
         out = []
         for path, data in sorted(self.revisions[rev].items()):
-            entry = {"Name": path.rsplit("/", 1)[-1], "Path": path, "Type": "blob", "Size": len(data),
-                     "Revision": self.commit(rev)}  # fmt: skip
+            entry = {
+                "Name": path.rsplit("/", 1)[-1],
+                "Path": path,
+                "Type": "blob",
+                "Size": len(data),
+                "Revision": self.commit(rev),
+            }
             if self.sha256:
                 entry["Sha256"] = hashlib.sha256(data).hexdigest()
             out.append(entry)
@@ -88,9 +93,19 @@ class ModelScopeServer(HubServer):
                     return self._missing(f"model {repo_key[1]}")
                 if rest == ["revisions"]:
                     entry = lambda r: {"Revision": r, "CreatedAt": 1700000000}
-                    return self._json({"Code": 200, "Data": {"RevisionMap": {
-                        "Branches": [entry(r) for r in sorted(repo.revisions) if r not in repo.tags],
-                        "Tags": [entry(r) for r in sorted(repo.tags)]}}})  # fmt: skip
+                    return self._json(
+                        {
+                            "Code": 200,
+                            "Data": {
+                                "RevisionMap": {
+                                    "Branches": [
+                                        entry(r) for r in sorted(repo.revisions) if r not in repo.tags
+                                    ],
+                                    "Tags": [entry(r) for r in sorted(repo.tags)],
+                                }
+                            },
+                        }
+                    )
                 rev = query.get("Revision", "master")
                 if rev not in repo.revisions:
                     return self._missing(f"revision {rev}", status=200)

@@ -35,7 +35,11 @@ class SlurmUnavailable(RuntimeError):
 
 
 def missing_requirements() -> list[str]:
-    problems = [f"`{tool}` not on PATH" for tool in NEEDED if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    problems = [
+        f"`{tool}` not on PATH"
+        for tool in NEEDED
+        if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    ]
     if os.geteuid() != 0:
         problems.append("not root (the plugin needs the config at /etc/slurm/slurm.conf)")
     return problems
@@ -71,43 +75,46 @@ class SingleNodeSlurm:
     # -- configuration ------------------------------------------------------------------
     def slurm_conf(self) -> str:
         state = self.root / "state"
-        return "\n".join([
-            "# written by tests/slurm_cluster.py; removed when the test ends",
-            "ClusterName=vlmtune-test",
-            f"SlurmctldHost={self.controller()}",
-            "AuthType=auth/munge",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            f"StateSaveLocation={state}/ctld",
-            f"SlurmdSpoolDir={state}/d{self.per_node}",
-            f"SlurmctldPidFile={state}/slurmctld.pid",
-            f"SlurmdPidFile={state}/slurmd{self.per_node}.pid",
-            f"SlurmctldLogFile={self.log_dir}/slurmctld.log",
-            f"SlurmdLogFile={self.log_dir}/slurmd{self.per_node}.log",
-            "SlurmctldDebug=verbose",
-            "SlurmdDebug=info",
-            # no cgroup in containers: track processes by parent pid, no task binding
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "MpiDefault=none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            "DefMemPerCPU=1000",
-            "GresTypes=gpu",
-            "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "JobCompType=jobcomp/none",
-            # finished jobs stay visible to squeue/scontrol: the plugin's squeue status
-            # command needs MinJobAge >= 3x its first polling interval
-            "MinJobAge=600",
-            "ReturnToService=2",
-            "SchedulerType=sched/backfill",
-            "SlurmctldTimeout=30",
-            "SlurmdTimeout=30",
-            *self.node_lines(),
-            f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                "# written by tests/slurm_cluster.py; removed when the test ends",
+                "ClusterName=vlmtune-test",
+                f"SlurmctldHost={self.controller()}",
+                "AuthType=auth/munge",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"StateSaveLocation={state}/ctld",
+                f"SlurmdSpoolDir={state}/d{self.per_node}",
+                f"SlurmctldPidFile={state}/slurmctld.pid",
+                f"SlurmdPidFile={state}/slurmd{self.per_node}.pid",
+                f"SlurmctldLogFile={self.log_dir}/slurmctld.log",
+                f"SlurmdLogFile={self.log_dir}/slurmd{self.per_node}.log",
+                "SlurmctldDebug=verbose",
+                "SlurmdDebug=info",
+                # no cgroup in containers: track processes by parent pid, no task binding
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "MpiDefault=none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core_Memory",
+                "DefMemPerCPU=1000",
+                "GresTypes=gpu",
+                "AccountingStorageType=accounting_storage/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "JobCompType=jobcomp/none",
+                # finished jobs stay visible to squeue/scontrol: the plugin's squeue status
+                # command needs MinJobAge >= 3x its first polling interval
+                "MinJobAge=600",
+                "ReturnToService=2",
+                "SchedulerType=sched/backfill",
+                "SlurmctldTimeout=30",
+                "SlurmdTimeout=30",
+                *self.node_lines(),
+                f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE "
+                "State=UP",
+                "",
+            ]
+        )
 
     def gres_conf(self) -> str:
         devices = self.root / "dev"
@@ -116,15 +123,19 @@ class SingleNodeSlurm:
             link = devices / f"fakegpu{i}"
             if not link.is_symlink():
                 link.symlink_to("/dev/null")
-        return "".join(f"NodeName={node} Name=gpu Type={self.gpu_model} File={devices}/fakegpu[0-{self.gpus - 1}]\n"
-                       for node in self.nodes)
+        return "".join(
+            f"NodeName={node} Name=gpu Type={self.gpu_model} File={devices}/fakegpu[0-{self.gpus - 1}]\n"
+            for node in self.nodes
+        )
 
     def controller(self) -> str:
         return self.host
 
     def node_lines(self) -> list[str]:
-        return [f"NodeName={self.host} CPUs={self.cpus} RealMemory={self.memory_mb}"
-                f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN"]  # fmt: skip
+        return [
+            f"NodeName={self.host} CPUs={self.cpus} RealMemory={self.memory_mb}"
+            f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN"
+        ]
 
     def _install(self, path: Path, text: str) -> None:
         if path not in self.saved:
@@ -143,7 +154,9 @@ class SingleNodeSlurm:
             except BlockingIOError:
                 if time.time() > deadline:
                     self._unlock()
-                    raise SlurmUnavailable(f"another test Slurm on this machine held {LOCK} for {timeout} s") from None
+                    raise SlurmUnavailable(
+                        f"another test Slurm on this machine held {LOCK} for {timeout} s"
+                    ) from None
                 time.sleep(1)
 
     def _unlock(self) -> None:
@@ -151,10 +164,14 @@ class SingleNodeSlurm:
         if lock is not None:
             lock.close()  # closing releases the flock
 
-    def start(self, timeout: float = 60, lock_timeout: float = 1800) -> "SingleNodeSlurm":
+    def start(self, timeout: float = 60, lock_timeout: float = 1800) -> SingleNodeSlurm:
         problems = missing_requirements()
         if problems:
-            raise SlurmUnavailable("cannot start the test Slurm: " + "; ".join(problems) + " (run .ci/install-system-packages as root)")
+            raise SlurmUnavailable(
+                "cannot start the test Slurm: "
+                + "; ".join(problems)
+                + " (run .ci/install-system-packages as root)"
+            )
         self._lock(lock_timeout)
         try:
             self._start(timeout)
@@ -214,7 +231,9 @@ class SingleNodeSlurm:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise SlurmUnavailable(f"{name} exited with {proc.returncode}: " + self.logs())
-            out = subprocess.run(self.client(["sinfo", "-h", "-N", "-o", "%T"]), capture_output=True, text=True)
+            out = subprocess.run(
+                self.client(["sinfo", "-h", "-N", "-o", "%T"]), capture_output=True, text=True
+            )
             state = out.stdout.strip()
             if len(state.split()) == len(self.nodes) and set(state.split()) <= {"idle", "idle~"}:
                 return
@@ -294,8 +313,12 @@ class TwoNodeSlurm(SingleNodeSlurm):
         return f"{self.nodes[0]}({self.addrs[0]})"
 
     def node_lines(self) -> list[str]:
-        return [f"NodeName={node} NodeAddr={addr} NodeHostname={node} CPUs={self.cpus} RealMemory={self.memory_mb}"
-                f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN" for node, addr in zip(self.nodes, self.addrs)]  # fmt: skip
+        return [
+            f"NodeName={node} NodeAddr={addr} NodeHostname={node} CPUs={self.cpus} "
+            f"RealMemory={self.memory_mb}"
+            f" Gres=gpu:{self.gpu_model}:{self.gpus} State=UNKNOWN"
+            for node, addr in zip(self.nodes, self.addrs)
+        ]
 
     def on(self, node: int, cmd: list[str], as_host: bool = False) -> list[str]:
         """`cmd` run in node `node`'s network namespace; `as_host`: also with the node's name
@@ -324,13 +347,30 @@ class TwoNodeSlurm(SingleNodeSlurm):
             self._ip("netns", "add", ns)
             self.made_netns.append(ns)
             self._ip("-n", ns, "link", "set", "lo", "up")
-        self._ip("link", "add", self.veth[0], "netns", self.netns[0], "type", "veth", "peer", "name", self.veth[1], "netns", self.netns[1])
+        self._ip(
+            "link",
+            "add",
+            self.veth[0],
+            "netns",
+            self.netns[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.veth[1],
+            "netns",
+            self.netns[1],
+        )
         for ns, dev, addr in zip(self.netns, self.veth, self.addrs):
             self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             self._ip("-n", ns, "link", "set", dev, "up")
 
     def _start_daemons(self) -> None:
-        problems = [f"`{t}` not on PATH" for t in ("ip", "nsenter", "unshare") if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+        problems = [
+            f"`{t}` not on PATH"
+            for t in ("ip", "nsenter", "unshare")
+            if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+        ]
         if problems:
             raise SlurmUnavailable("cannot build the two-node cluster: " + "; ".join(problems))
         self._network()
@@ -344,7 +384,7 @@ class TwoNodeSlurm(SingleNodeSlurm):
         env_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
         daemon = next((i for i, c in enumerate(cmd) if c in ("slurmctld", "slurmd", "munged")), None)
         if daemon is not None:
-            cmd = [*cmd[:daemon], shutil.which(cmd[daemon], path=env_path) or cmd[daemon], *cmd[daemon + 1:]]
+            cmd = [*cmd[:daemon], shutil.which(cmd[daemon], path=env_path) or cmd[daemon], *cmd[daemon + 1 :]]
         super()._spawn(name, cmd, **popen)
 
     def namespace_pids(self) -> dict[str, list[int]]:

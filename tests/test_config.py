@@ -15,13 +15,23 @@ def test_shipped_configs_are_valid(configs):
 @pytest.mark.parametrize(
     "overlay, message",
     [
-        ({"train": {"deepspeed": "zero5"}}, "train.deepspeed: 'zero5' is not allowed; choose one of ['none', 'zero1', 'zero2', 'zero2_offload', 'zero3', 'zero3_offload']"),
+        (
+            {"train": {"deepspeed": "zero5"}},
+            "train.deepspeed: 'zero5' is not allowed; choose one of ['none', 'zero1', 'zero2', "
+            "'zero2_offload', 'zero3', 'zero3_offload']",
+        ),
         ({"train": {"lr": -1}}, "train.lr: -1 is out of range"),
         ({"model": {"source": "s3"}}, "model.source: 's3' is not allowed"),
         ({"typo_key": 1}, "unknown key(s) ['typo_key']"),
-        ({"conversion": {"on_bad_record": "ignore"}}, "conversion.on_bad_record: 'ignore' is not allowed; choose one of ['skip', 'error']"),
+        (
+            {"conversion": {"on_bad_record": "ignore"}},
+            "conversion.on_bad_record: 'ignore' is not allowed; choose one of ['skip', 'error']",
+        ),
         ({"model": {"source": "local", "path": None}}, "model.path"),
-        ({"train": {"device": "cpu", "gpus": 0, "deepspeed": "none", "method": "qlora"}}, "train.method: qlora needs CUDA"),
+        (
+            {"train": {"device": "cpu", "gpus": 0, "deepspeed": "none", "method": "qlora"}},
+            "train.method: qlora needs CUDA",
+        ),
         ({"train": {"method": "qlora", "deepspeed": "zero3"}}, "train.deepspeed: zero3"),
         ({"run": "bad name/with slash"}, "run:"),
     ],
@@ -40,8 +50,12 @@ def test_snakemake_stops_on_invalid_config(tmp_path):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  deepspeed: zero5\n")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "train.deepspeed: 'zero5' is not allowed" in proc.stdout + proc.stderr
 
@@ -61,19 +75,38 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
     assert overlay["train"]["lr"] == "1e-4"
     config = deep_merge(configs[0], overlay)
     assert validate(config) is config
-    assert config["train"]["lr"] == 1e-4 and config["train"]["betas"] == [0.9, 0.1] and config["train"]["warmup_ratio"] == 0.03
+    assert (
+        config["train"]["lr"] == 1e-4
+        and config["train"]["betas"] == [0.9, 0.1]
+        and config["train"]["warmup_ratio"] == 0.03
+    )
     assert isinstance(config["train"]["lr"], float)
     with pytest.raises(ConfigError, match="train.lr: 'fast' has the wrong type"):
         validate(deep_merge(configs[0], {"train": {"lr": "fast"}}))
-    with pytest.raises(ConfigError, match="train.lr: '-1e-4' is out of range|train.lr: -0.0001 is out of range"):
+    with pytest.raises(
+        ConfigError, match="train.lr: '-1e-4' is out of range|train.lr: -0.0001 is out of range"
+    ):
         validate(deep_merge(configs[0], {"train": {"lr": "-1e-4"}}))
     # Snakemake reads the same file: the dry run plans the run with the number (same params as 1.0e-4).
     plans = []
     for text in ("1e-4", "1.0e-4"):
         (tmp_path / "lr.yaml").write_text(f"train:\n  lr: {text}\n")
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "results/xtuner/demo/plan.json",
-                               "--configfile", "config/demo.yaml", str(tmp_path / "lr.yaml")],
-                              cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-n",
+                "-p",
+                "results/xtuner/demo/plan.json",
+                "--configfile",
+                "config/demo.yaml",
+                str(tmp_path / "lr.yaml"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         plans.append(re.search(r"--train-settings (.*?) --out", proc.stdout).group(1))
     assert '"lr": 0.0001' in plans[0] and plans[0] == plans[1]
@@ -102,8 +135,22 @@ def test_extraction_limits_reach_the_fetch_step(tmp_path):
     from conftest import ROOT
 
     (tmp_path / "x.yaml").write_text("extraction: {max_bytes: 12345, max_ratio: 7.5}\n")
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "-F", "data/datasets/CLoT-Oogiri-GO-demo",
-                           "--configfile", "config/demo.yaml", str(tmp_path / "x.yaml")],
-                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-p",
+            "-F",
+            "data/datasets/CLoT-Oogiri-GO-demo",
+            "--configfile",
+            "config/demo.yaml",
+            str(tmp_path / "x.yaml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--max-extract-bytes 12345 --max-extract-ratio 7.5" in proc.stdout

@@ -69,7 +69,9 @@ def test_malformed_lines_are_counted(demo_dataset, tmp_path):
     shutil.copytree(demo_dataset, ds)
     with open(ds / "cn.jsonl", "a", encoding="utf-8") as fh:
         fh.write("{not json\n")
-        fh.write(json.dumps({"text": 5, "question": None, "star": None, "type": "I2T", "image": "demo000"}) + "\n")
+        fh.write(
+            json.dumps({"text": 5, "question": None, "star": None, "type": "I2T", "image": "demo000"}) + "\n"
+        )
     _, _, report = convert(ds)
     assert report["read"] == 41
     assert report["skipped_by_reason"]["malformed_json"] == 1
@@ -81,8 +83,20 @@ def test_cli_writes_outputs_and_leaves_input_untouched(demo_dataset, tmp_path):
     from vlmtune.convert import main
 
     before = (demo_dataset / "cn.jsonl").read_bytes()
-    main(["--dataset", str(demo_dataset), "--eval-images", "2", "--out-train", str(tmp_path / "t.json"),
-          "--out-eval", str(tmp_path / "e.jsonl"), "--report", str(tmp_path / "r.json")])
+    main(
+        [
+            "--dataset",
+            str(demo_dataset),
+            "--eval-images",
+            "2",
+            "--out-train",
+            str(tmp_path / "t.json"),
+            "--out-eval",
+            str(tmp_path / "e.jsonl"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert (demo_dataset / "cn.jsonl").read_bytes() == before
     train = json.loads((tmp_path / "t.json").read_text())
     report = json.loads((tmp_path / "r.json").read_text())
@@ -109,8 +123,10 @@ def dataset_with(demo_dataset, tmp_path, *lines: str):
 
     ds = tmp_path / "ds"
     shutil.copytree(demo_dataset, ds)
-    (ds / "cn.jsonl").write_text((demo_dataset / "cn.jsonl").read_text(encoding="utf-8")
-                                 + "".join(line + "\n" for line in lines), encoding="utf-8")  # fmt: skip
+    (ds / "cn.jsonl").write_text(
+        (demo_dataset / "cn.jsonl").read_text(encoding="utf-8") + "".join(line + "\n" for line in lines),
+        encoding="utf-8",
+    )
     return ds
 
 
@@ -139,9 +155,26 @@ def test_error_mode_stops_at_the_bad_line(demo_dataset, tmp_path, reason):
     assert err.value.reason == reason and err.value.where == f"{ds / 'cn.jsonl'}:37"
     # The CLI exits non-zero with the file and line, and writes nothing.
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "vlmtune.convert", "--dataset", str(ds), "--on-bad-record", "error",
-                          "--out-train", str(out / "t.json"), "--out-eval", str(out / "e.jsonl"),
-                          "--report", str(out / "r.json")], capture_output=True, text=True, check=False)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.convert",
+            "--dataset",
+            str(ds),
+            "--on-bad-record",
+            "error",
+            "--out-train",
+            str(out / "t.json"),
+            "--out-eval",
+            str(out / "e.jsonl"),
+            "--report",
+            str(out / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode != 0 and f"cn.jsonl:37: {reason}" in run.stderr
     assert not out.exists() or not list(out.iterdir())
 
@@ -164,8 +197,20 @@ def test_jsonl_output_holds_the_same_samples(demo_dataset, tmp_path):
     from vlmtune.convert import main
 
     for fmt in ("json", "jsonl"):
-        main(["--dataset", str(demo_dataset), "--output-format", fmt, "--out-train", str(tmp_path / f"t.{fmt}"),
-              "--out-eval", str(tmp_path / "e.jsonl"), "--report", str(tmp_path / "r.json")])  # fmt: skip
+        main(
+            [
+                "--dataset",
+                str(demo_dataset),
+                "--output-format",
+                fmt,
+                "--out-train",
+                str(tmp_path / f"t.{fmt}"),
+                "--out-eval",
+                str(tmp_path / "e.jsonl"),
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
     as_json = json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))
     as_jsonl = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()]
     assert as_json == as_jsonl and len(as_json) == 36
@@ -176,10 +221,16 @@ def test_missing_language_file_is_named(demo_dataset):
         convert(demo_dataset, language="en")
 
 
-@pytest.mark.parametrize("fmt, kwargs", [
-    ("JPEG", {}), ("JPEG", {"progressive": True}), ("JPEG", {"exif": b"Exif\0\0" + b"\0" * 30000}),
-    ("PNG", {}), ("WEBP", {}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fmt, kwargs",
+    [
+        ("JPEG", {}),
+        ("JPEG", {"progressive": True}),
+        ("JPEG", {"exif": b"Exif\0\0" + b"\0" * 30000}),
+        ("PNG", {}),
+        ("WEBP", {}),
+    ],
+)
 def test_header_size_matches_pil(tmp_path, fmt, kwargs):
     from PIL import Image
 
@@ -199,17 +250,22 @@ def test_held_out_references_keep_every_response_with_its_star(demo_dataset):
     _, evals, report = convert(demo_dataset, eval_images=4, split_seed=3)
     records = demo_records(0)
     for group in evals:
-        image = group["image"][len("images/"):-len(".jpg")]
+        image = group["image"][len("images/") : -len(".jpg")]
         question = group["question"]
-        expected = [(r["text"], r["star"]) for r in records
-                    if r["image"] == image and (r["question"] or DEFAULT_QUESTION) == question and r["text"]]  # fmt: skip
+        expected = [
+            (r["text"], r["star"])
+            for r in records
+            if r["image"] == image and (r["question"] or DEFAULT_QUESTION) == question and r["text"]
+        ]
         assert [(ref["text"], ref["star"]) for ref in group["references"]] == expected
     assert any(ref["star"] is None for g in evals for ref in g["references"])  # null stars stay null
     assert len(report["eval_images"]) == 4
 
 
 @pytest.mark.parametrize("eval_images", [0, 11])
-def test_a_record_without_question_and_star_keys_counts_as_null_not_a_crash(demo_dataset, tmp_path, eval_images):
+def test_a_record_without_question_and_star_keys_counts_as_null_not_a_crash(
+    demo_dataset, tmp_path, eval_images
+):
     """Absent optional keys read as null (the default question, no star), in train and in eval."""
     bare = {k: v for k, v in GOOD.items() if k not in ("question", "star")} | {"text": "没有问题字段的梗"}
     ds = dataset_with(demo_dataset, tmp_path, json.dumps(bare, ensure_ascii=False))
@@ -234,9 +290,25 @@ def run_cli(ds, tmp_path, *extra):
 
     out = tmp_path / "out"
     train = out / ("t.jsonl" if "jsonl" in extra else "t.json")
-    proc = subprocess.run([sys.executable, "-m", "vlmtune.convert", "--dataset", str(ds), *extra,
-                           "--out-train", str(train), "--out-eval", str(out / "e.jsonl"),
-                           "--report", str(out / "r.json")], capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.convert",
+            "--dataset",
+            str(ds),
+            *extra,
+            "--out-train",
+            str(train),
+            "--out-eval",
+            str(out / "e.jsonl"),
+            "--report",
+            str(out / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     report = json.loads((out / "r.json").read_text(encoding="utf-8")) if (out / "r.json").exists() else None
     return proc, report, out
 
@@ -248,19 +320,29 @@ def test_line_separators_inside_texts_survive_conversion_and_every_reader(demo_d
     from vlmtune.validate import load_samples
 
     texts = [f"第一行{sep}第二行" for sep in ("\u2028", "\u2029", "\u0085")]
-    lines = [json.dumps({**GOOD, "image": f"demo00{i + 1}", "text": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+    lines = [
+        json.dumps({**GOOD, "image": f"demo00{i + 1}", "text": t}, ensure_ascii=False)
+        for i, t in enumerate(texts)
+    ]
     ds = dataset_with(demo_dataset, tmp_path, *lines)
     assert "\u2028" in (ds / "cn.jsonl").read_text(encoding="utf-8")  # raw in the input
     before = (ds / "cn.jsonl").read_bytes()
-    proc, report, out = run_cli(ds, tmp_path, "--eval-images", "3", "--split-seed", "0", "--output-format", "jsonl")
+    proc, report, out = run_cli(
+        ds, tmp_path, "--eval-images", "3", "--split-seed", "0", "--output-format", "jsonl"
+    )
     assert proc.returncode == 0, proc.stderr
     assert report["read"] == 42 and report["kept"] == 39 and report["kept"] + report["skipped"] == 42
     assert (ds / "cn.jsonl").read_bytes() == before
     train = load_samples(out / "t.jsonl")
     evals = read_jsonl(out / "e.jsonl")
-    got = {t["conversations"][1]["value"] for t in train} | {r["text"] for e in evals for r in e["references"]}
+    got = {t["conversations"][1]["value"] for t in train} | {
+        r["text"] for e in evals for r in e["references"]
+    }
     assert set(texts) <= got
-    for f, n in ((out / "t.jsonl", len(train)), (out / "e.jsonl", len(evals))):  # one line a record for any splitter
+    for f, n in (
+        (out / "t.jsonl", len(train)),
+        (out / "e.jsonl", len(evals)),
+    ):  # one line a record for any splitter
         assert len(f.read_text(encoding="utf-8").splitlines()) == n
 
 
@@ -268,7 +350,9 @@ def test_a_type_excluded_record_with_a_null_image_is_excluded_not_bad(demo_datas
     t2t = json.dumps({"text": "纯文字的梗", "question": "问题", "star": None, "type": "T2T", "image": None})
     ds = dataset_with(demo_dataset, tmp_path, t2t)
     lines = (ds / "cn.jsonl").read_text(encoding="utf-8").splitlines()
-    (ds / "cn.jsonl").write_text("\n".join(lines[:36] + lines[39:]) + "\n", encoding="utf-8")  # no demo bad lines
+    (ds / "cn.jsonl").write_text(
+        "\n".join(lines[:36] + lines[39:]) + "\n", encoding="utf-8"
+    )  # no demo bad lines
     proc, report, _ = run_cli(ds, tmp_path, "--types", "I2T,IT2T", "--on-bad-record", "error")
     assert proc.returncode == 0, proc.stderr
     assert report["skipped_where"]["type_not_selected"][-1].startswith(f"{ds / 'cn.jsonl'}:37: type 'T2T'")
@@ -293,10 +377,15 @@ def test_an_image_whose_pixels_do_not_decode_is_never_held_out(demo_dataset, tmp
     import random
 
     images = sorted(f"demo{i:03d}" for i in range(12))
-    seed = next(s for s in range(100) if "demo003" in random.Random(s).sample(images, 3))  # a draw that hits it
+    seed = next(
+        s for s in range(100) if "demo003" in random.Random(s).sample(images, 3)
+    )  # a draw that hits it
     ds = truncated_copy(demo_dataset, tmp_path)
-    users = [i + 1 for i, r in enumerate((ds / "cn.jsonl").read_text(encoding="utf-8").splitlines())
-             if json.loads(r)["image"] == "demo003"]  # fmt: skip
+    users = [
+        i + 1
+        for i, r in enumerate((ds / "cn.jsonl").read_text(encoding="utf-8").splitlines())
+        if json.loads(r)["image"] == "demo003"
+    ]
     proc, report, out = run_cli(ds, tmp_path, "--eval-images", "3", "--split-seed", str(seed))
     assert proc.returncode == 0, proc.stderr
     assert "demo003" not in report["eval_images"] and len(report["eval_images"]) == 3
@@ -304,12 +393,18 @@ def test_an_image_whose_pixels_do_not_decode_is_never_held_out(demo_dataset, tmp
     where = [w for w in report["skipped_where"]["corrupt_image"] if "pixels do not decode" in w]
     assert [int(w.split(": ")[0].rsplit(":", 1)[1]) for w in where] == users
     assert report["kept"] + report["skipped"] == report["read"]
-    assert all(s["image"] != "images/demo003.jpg" for s in json.loads((out / "t.json").read_text(encoding="utf-8")))
+    assert all(
+        s["image"] != "images/demo003.jpg" for s in json.loads((out / "t.json").read_text(encoding="utf-8"))
+    )
     again = convert(ds, eval_images=3, split_seed=seed)[2]  # reconverting: the same split
     assert again["eval_images"] == report["eval_images"]
     lines = (ds / "cn.jsonl").read_text(encoding="utf-8").splitlines()
-    (ds / "cn.jsonl").write_text("\n".join(lines[:36]) + "\n", encoding="utf-8")  # without the demo's bad lines
-    proc, _, _ = run_cli(ds, tmp_path, "--eval-images", "3", "--split-seed", str(seed), "--on-bad-record", "error")
+    (ds / "cn.jsonl").write_text(
+        "\n".join(lines[:36]) + "\n", encoding="utf-8"
+    )  # without the demo's bad lines
+    proc, _, _ = run_cli(
+        ds, tmp_path, "--eval-images", "3", "--split-seed", str(seed), "--on-bad-record", "error"
+    )
     assert proc.returncode != 0 and f"cn.jsonl:{users[0]}: corrupt_image" in proc.stderr
 
 
@@ -327,8 +422,18 @@ def test_a_line_that_is_not_utf8_is_a_counted_bad_record(demo_dataset, tmp_path)
     assert proc.returncode != 0 and "cn.jsonl:38: not_utf8" in proc.stderr and not (out / "t.json").exists()
 
 
-@pytest.mark.parametrize("image_id", ["../../outside/secret", "ABSOLUTE", "..", "sub/../../outside/secret",
-                                      "a\\..\\..\\secret", "demo000\0x", "./demo000"])  # fmt: skip
+@pytest.mark.parametrize(
+    "image_id",
+    [
+        "../../outside/secret",
+        "ABSOLUTE",
+        "..",
+        "sub/../../outside/secret",
+        "a\\..\\..\\secret",
+        "demo000\0x",
+        "./demo000",
+    ],
+)
 def test_an_image_id_that_leaves_the_image_folder_is_refused(demo_dataset, tmp_path, image_id):
     from PIL import Image
 
@@ -352,7 +457,10 @@ def test_a_symlink_out_of_the_image_folder_is_refused(demo_dataset, tmp_path):
     ds = dataset_with(demo_dataset, tmp_path, json.dumps(GOOD | {"image": "link", "text": "链接"}))
     (ds / "images" / "link.jpg").symlink_to(secret)
     _, _, report = convert(ds)
-    assert report["skipped_by_reason"]["bad_image_id"] == 1 and "symbolic link" in report["skipped_where"]["bad_image_id"][0]
+    assert (
+        report["skipped_by_reason"]["bad_image_id"] == 1
+        and "symbolic link" in report["skipped_where"]["bad_image_id"][0]
+    )
 
 
 def test_a_byte_order_mark_costs_no_record(demo_dataset, tmp_path):
@@ -379,17 +487,28 @@ def test_eval_images_not_below_the_image_count_is_a_config_error(demo_dataset, t
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                           lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
-                           max_leaves=6)  # fmt: skip
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3),
+    max_leaves=6,
+)
 TEXT = st.text(alphabet=st.characters(codec=None, blacklist_categories=()), max_size=12)
-RECORDS = st.fixed_dictionaries({}, optional={
-    "text": st.one_of(TEXT, JSON_VALUES), "question": st.one_of(st.none(), TEXT, JSON_VALUES),
-    "star": st.one_of(st.none(), st.integers(), JSON_VALUES),
-    "type": st.one_of(st.sampled_from(["I2T", "T2T", "IT2T", "X"]), JSON_VALUES),
-    "image": st.one_of(st.sampled_from(["demo000", "demo001", "demo_corrupt_image", "nope", "../x", "/etc/x", ""]),
-                       TEXT, JSON_VALUES),
-}).flatmap(lambda d: st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=2).map(lambda extra: {**extra, **d}))
+RECORDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "text": st.one_of(TEXT, JSON_VALUES),
+        "question": st.one_of(st.none(), TEXT, JSON_VALUES),
+        "star": st.one_of(st.none(), st.integers(), JSON_VALUES),
+        "type": st.one_of(st.sampled_from(["I2T", "T2T", "IT2T", "X"]), JSON_VALUES),
+        "image": st.one_of(
+            st.sampled_from(["demo000", "demo001", "demo_corrupt_image", "nope", "../x", "/etc/x", ""]),
+            TEXT,
+            JSON_VALUES,
+        ),
+    },
+).flatmap(
+    lambda d: st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=2).map(lambda extra: {**extra, **d})
+)
 LINES = st.one_of(
     RECORDS.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass")),
     RECORDS.map(lambda r: json.dumps(r).encode()),  # \\ud800-style escapes: lone surrogates
@@ -401,7 +520,9 @@ LINES = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(LINES, max_size=12), eval_images=st.integers(0, 3))
-def test_arbitrary_lines_never_crash_and_are_all_accounted_for(demo_dataset, tmp_path_factory, lines, eval_images):
+def test_arbitrary_lines_never_crash_and_are_all_accounted_for(
+    demo_dataset, tmp_path_factory, lines, eval_images
+):
     import shutil
 
     ds = tmp_path_factory.mktemp("prop") / "ds"
@@ -412,11 +533,16 @@ def test_arbitrary_lines_never_crash_and_are_all_accounted_for(demo_dataset, tmp
     assert report["read"] == 39 + sum(1 for line in lines if line.strip(b" \t\r\n\x0b\x0c"))
     where = [w for ws in report["skipped_where"].values() for w in ws]
     assert len(where) == report["skipped"]
-    assert all(w.startswith(f"{ds / 'cn.jsonl'}:") and w.split(": ")[0].rsplit(":", 1)[1].isdigit() for w in where)
+    assert all(
+        w.startswith(f"{ds / 'cn.jsonl'}:") and w.split(": ")[0].rsplit(":", 1)[1].isdigit() for w in where
+    )
     assert [s["id"] for s in train] == list(range(len(train)))
     out = tmp_path_factory.mktemp("prop-out")
     from vlmtune.jsonl import read_jsonl, write_jsonl
 
     write_samples(out / "t.json", train, "json")  # everything kept can be written and read back
     write_jsonl(out / "e.jsonl", evals)
-    assert json.loads((out / "t.json").read_text(encoding="utf-8")) == train and read_jsonl(out / "e.jsonl") == evals
+    assert (
+        json.loads((out / "t.json").read_text(encoding="utf-8")) == train
+        and read_jsonl(out / "e.jsonl") == evals
+    )

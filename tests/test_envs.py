@@ -50,27 +50,41 @@ def test_the_single_default_venv_agrees_with_every_family_it_serves():
     """CI and the demo run every step in one .venv from requirements/cpu.txt: its pins must be
     the families' pins, except what requirements/gpu.txt re-pins for CUDA (bitsandbytes)."""
     cpu = requirement_pins(ROOT / "requirements" / "cpu.txt")
-    gpu_overrides = {n for n, v in requirement_pins(ROOT / "requirements" / "gpu.txt").items() if cpu.get(n) not in (None, v)}
+    gpu_overrides = {
+        n
+        for n, v in requirement_pins(ROOT / "requirements" / "gpu.txt").items()
+        if cpu.get(n) not in (None, v)
+    }
     assert gpu_overrides == {"bitsandbytes"}, gpu_overrides
     for family in ("data", "xtuner"):
         pins = family_pins(family)
-        differ = {n: (cpu[n], v) for n, v in pins.items() if n in cpu and cpu[n] != v and n not in gpu_overrides}
+        differ = {
+            n: (cpu[n], v) for n, v in pins.items() if n in cpu and cpu[n] != v and n not in gpu_overrides
+        }
         assert not differ, f"requirements/cpu.txt vs the {family} env (cpu, env): {differ}"
 
 
 def test_every_rule_runs_in_the_family_of_its_conda_env():
     seen = set()
     for smk, rule, body in rule_blocks():
-        conda = re.findall(r"envs/(\w+)\.yaml", body.split("conda:")[1].split("resources:")[0]) if "conda:" in body else []
+        conda = (
+            re.findall(r"envs/(\w+)\.yaml", body.split("conda:")[1].split("resources:")[0])
+            if "conda:" in body
+            else []
+        )
         assert conda, f"{smk}: rule {rule} has no conda: env"
         for name in conda:
             assert (ROOT / "envs" / f"{name}.yaml").exists(), name
         runners = re.findall(r"\bpython_(\w+) -m vlmtune\.", body)
-        assert len(runners) == 1 and "python -m" not in body, f"{smk}: rule {rule} must run one python_<family> step"
+        assert len(runners) == 1 and "python -m" not in body, (
+            f"{smk}: rule {rule} must run one python_<family> step"
+        )
         if runners[0] == "evaluate":  # the engine picks the env: lmdeploy or xtuner (common.smk)
             assert sorted(conda) == ["lmdeploy", "xtuner"], conda
         else:
-            assert conda == [runners[0]], f"{smk}: rule {rule} runs python_{runners[0]} but its conda env is {conda}"
+            assert conda == [runners[0]], (
+                f"{smk}: rule {rule} runs python_{runners[0]} but its conda env is {conda}"
+            )
         seen.add(rule)
     assert {"fetch_model", "convert_dataset", "train", "merge_lora", "evaluate"} <= seen
 
@@ -100,8 +114,12 @@ def test_a_step_refuses_an_interpreter_without_its_packages(tmp_path):
     bare = tmp_path / "bare" / "bin" / "python"
     marker = tmp_path / "ran"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run([str(bare), "-m", "vlmtune.envcheck", "data", "-m", "vlmtune.config", str(marker)],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [str(bare), "-m", "vlmtune.envcheck", "data", "-m", "vlmtune.config", str(marker)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode != 0
     assert f"interpreter {bare} is not the 'data' env" in proc.stderr, proc.stderr
     assert "PyYAML is not installed (pinned 6.0.2)" in proc.stderr and "make venvs" in proc.stderr
@@ -110,9 +128,21 @@ def test_a_step_refuses_an_interpreter_without_its_packages(tmp_path):
 
 def test_the_launcher_runs_the_step_in_a_good_env():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.run([sys.executable, "-m", "vlmtune.envcheck", "data", "-m", "vlmtune.config",
-                           str(ROOT / "config" / "config.yaml"), str(ROOT / "config" / "demo.yaml")],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.envcheck",
+            "data",
+            "-m",
+            "vlmtune.config",
+            str(ROOT / "config" / "config.yaml"),
+            str(ROOT / "config" / "demo.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "configuration is valid"
 
@@ -127,8 +157,15 @@ def test_the_workflow_runs_a_step_with_its_family_interpreter_and_refuses_a_wron
     workdir = copy_workflow(tmp_path / "wf")
     overlay = tmp_path / "venvs.yaml"
     overlay.write_text(f"python:\n  data: {tmp_path / 'bare' / 'bin' / 'python'}\n")
-    proc = run_snakemake(workdir, "-j1", "data/demo/CLoT-Oogiri-GO", "--configfile", "config/demo.yaml",
-                         str(overlay), check=False)  # fmt: skip
+    proc = run_snakemake(
+        workdir,
+        "-j1",
+        "data/demo/CLoT-Oogiri-GO",
+        "--configfile",
+        "config/demo.yaml",
+        str(overlay),
+        check=False,
+    )
     assert proc.returncode != 0
     log = (workdir / "logs" / "demo" / "demo_dataset.log").read_text()
     assert f"interpreter {tmp_path / 'bare' / 'bin' / 'python'} is not the 'data' env" in log, log

@@ -11,28 +11,75 @@ from vlmtune import evaluate
 from vlmtune.prompt import SYSTEM_PROMPT
 
 GEN = dict(max_new_tokens=4, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
-FIELDS = {"id", "image", "type", "question", "prompt", "references", "prediction", "prompt_tokens",
-          "prompt_ids_digest", "image_tokens", "completion_tokens", "completion_ids", "first_token_margin",
-          "finish_reason", "engine", "engine_backend", "engine_version", "generation", "model"}  # fmt: skip
+FIELDS = {
+    "id",
+    "image",
+    "type",
+    "question",
+    "prompt",
+    "references",
+    "prediction",
+    "prompt_tokens",
+    "prompt_ids_digest",
+    "image_tokens",
+    "completion_tokens",
+    "completion_ids",
+    "first_token_margin",
+    "finish_reason",
+    "engine",
+    "engine_backend",
+    "engine_version",
+    "generation",
+    "model",
+}
 
 
 @pytest.fixture()
 def eval_file(tmp_path):
     recs = [
-        dict(id="e0", image="images/demo000.jpg", type="I2T", question="请你根据这张图片,讲一个脑洞大开的梗。",
-             references=[dict(text="小猫咪,你的猫爪好臭啊", star=197)]),
-        dict(id="e1", image="images/demo006.jpg", type="T2T", question="给这张图配一句话。",
-             references=[dict(text="我的快乐,来得快去得也快。", star=None)]),
-    ]  # fmt: skip
+        dict(
+            id="e0",
+            image="images/demo000.jpg",
+            type="I2T",
+            question="请你根据这张图片,讲一个脑洞大开的梗。",
+            references=[dict(text="小猫咪,你的猫爪好臭啊", star=197)],
+        ),
+        dict(
+            id="e1",
+            image="images/demo006.jpg",
+            type="T2T",
+            question="给这张图配一句话。",
+            references=[dict(text="我的快乐,来得快去得也快。", star=None)],
+        ),
+    ]
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     return path
 
 
-def test_cli_generate_shows_progress_and_writes_predictions_and_provenance(tiny_model, demo_dataset, eval_file, tmp_path, capsys):
+def test_cli_generate_shows_progress_and_writes_predictions_and_provenance(
+    tiny_model, demo_dataset, eval_file, tmp_path, capsys
+):
     out = tmp_path / "base" / "predictions.jsonl"
-    evaluate.main(["generate", "--model", str(tiny_model), "--eval", str(eval_file), "--image-folder", str(demo_dataset),
-                   "--engine", "transformers", "--generation", json.dumps(GEN), "--batch-size", "2", "--out", str(out)])  # fmt: skip
+    evaluate.main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model),
+            "--eval",
+            str(eval_file),
+            "--image-folder",
+            str(demo_dataset),
+            "--engine",
+            "transformers",
+            "--generation",
+            json.dumps(GEN),
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert "generate (transformers)" in err and "2/2" in err
     rows = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
@@ -43,23 +90,46 @@ def test_cli_generate_shows_progress_and_writes_predictions_and_provenance(tiny_
 
 
 def test_missing_image_is_named(tiny_model, tmp_path):
-    (tmp_path / "eval.jsonl").write_text(json.dumps(dict(id="a", image="images/gone.jpg", question="q", references=[])) + "\n")
+    (tmp_path / "eval.jsonl").write_text(
+        json.dumps(dict(id="a", image="images/gone.jpg", question="q", references=[])) + "\n"
+    )
     with pytest.raises(SystemExit, match=r"image .*images/gone\.jpg does not exist"):
-        evaluate.main(["generate", "--model", str(tiny_model), "--eval", str(tmp_path / "eval.jsonl"), "--image-folder", str(tmp_path),
-                       "--engine", "transformers", "--generation", json.dumps(GEN), "--out", str(tmp_path / "p.jsonl")])  # fmt: skip
+        evaluate.main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model),
+                "--eval",
+                str(tmp_path / "eval.jsonl"),
+                "--image-folder",
+                str(tmp_path),
+                "--engine",
+                "transformers",
+                "--generation",
+                json.dumps(GEN),
+                "--out",
+                str(tmp_path / "p.jsonl"),
+            ]
+        )
     assert not (tmp_path / "p.jsonl").exists()
 
 
 def test_missing_engine_names_the_env_to_use(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lmdeploy", None)  # import lmdeploy -> ImportError
     (tmp_path / "eval.jsonl").write_text("")
-    with pytest.raises(evaluate.EvaluateError, match=r"'lmdeploy'.*envs/lmdeploy\.yaml.*evaluate\.engine: transformers"):
-        evaluate.generate(tmp_path, tmp_path / "eval.jsonl", tmp_path, "lmdeploy", tmp_path / "p.jsonl", GEN, 2, 4096)
+    with pytest.raises(
+        evaluate.EvaluateError, match=r"'lmdeploy'.*envs/lmdeploy\.yaml.*evaluate\.engine: transformers"
+    ):
+        evaluate.generate(
+            tmp_path, tmp_path / "eval.jsonl", tmp_path, "lmdeploy", tmp_path / "p.jsonl", GEN, 2, 4096
+        )
 
 
 def test_bad_inputs_are_named(tmp_path, eval_file):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "image": "x.jpg", "question": "q", "references": []}\n{oops\n', encoding="utf-8")
+    bad.write_text(
+        '{"id": "a", "image": "x.jpg", "question": "q", "references": []}\n{oops\n', encoding="utf-8"
+    )
     with pytest.raises(evaluate.EvaluateError, match=rf"{bad}:2: malformed_json"):
         evaluate.read_eval(bad)
     bad.write_text('{"id": "a", "image": "x.jpg"}\n', encoding="utf-8")
@@ -107,7 +177,11 @@ class FakePipeline:
     def __init__(self, model_path, backend_config=None, chat_template_config=None, trust_remote_code=False):
         import types
 
-        self.model_path, self.backend_config, self.trust_remote_code = model_path, backend_config, trust_remote_code
+        self.model_path, self.backend_config, self.trust_remote_code = (
+            model_path,
+            backend_config,
+            trust_remote_code,
+        )
         self.chat_template = chat_template_config.chat_template()
         processor = FakePromptProcessor(model_path, self.chat_template)
         self.async_engine = types.SimpleNamespace(prompt_processor=processor)
@@ -119,12 +193,25 @@ class FakePipeline:
         from lmdeploy.messages import Response
 
         self.requests, self.gen_config = requests, gen_config
-        built = [asyncio.run(self.async_engine.prompt_processor.get_prompt_input(prompt=r, do_preprocess=True)) for r in requests]
-        return [Response(text=f" 回答{i} ", generate_token_len=3, input_token_len=len(b["input_ids"]), finish_reason="stop",
-                         token_ids=[5, 6, 7]) for i, b in enumerate(built)]  # fmt: skip
+        built = [
+            asyncio.run(self.async_engine.prompt_processor.get_prompt_input(prompt=r, do_preprocess=True))
+            for r in requests
+        ]
+        return [
+            Response(
+                text=f" 回答{i} ",
+                generate_token_len=3,
+                input_token_len=len(b["input_ids"]),
+                finish_reason="stop",
+                token_ids=[5, 6, 7],
+            )
+            for i, b in enumerate(built)
+        ]
 
 
-def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(monkeypatch, tiny_model, demo_dataset, eval_file, tmp_path):
+def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(
+    monkeypatch, tiny_model, demo_dataset, eval_file, tmp_path
+):
     import lmdeploy
     from PIL import Image
 
@@ -134,7 +221,16 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
     recs = evaluate.read_eval(eval_file)
     recs[1]["image"] = "images/demo003.jpg"
     eval_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
-    n = evaluate.generate(tiny_model, eval_file, demo_dataset, "lmdeploy", tmp_path / "p.jsonl", gen, batch_size=2, session_len=4096)
+    n = evaluate.generate(
+        tiny_model,
+        eval_file,
+        demo_dataset,
+        "lmdeploy",
+        tmp_path / "p.jsonl",
+        gen,
+        batch_size=2,
+        session_len=4096,
+    )
     assert n == 2
     pipe = FakePipeline.calls[-1]
     assert pipe.backend_config.session_len == 4096 and pipe.backend_config.max_batch_size == 2
@@ -144,20 +240,37 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
     assert pipe.chat_template.meta_instruction == SYSTEM_PROMPT and pipe.chat_template.separator == ""
     content = pipe.requests[0][0]["content"]
     # The image first, as training puts <img>...</img> before the question; the training tile limit.
-    assert isinstance(content[0]["image_data"]["data"], Image.Image) and content[0]["image_data"]["max_dynamic_patch"] == json.loads((tiny_model / "config.json").read_text())["max_dynamic_patch"]
+    assert (
+        isinstance(content[0]["image_data"]["data"], Image.Image)
+        and content[0]["image_data"]["max_dynamic_patch"]
+        == json.loads((tiny_model / "config.json").read_text())["max_dynamic_patch"]
+    )
     assert content[1] == dict(type="text", text="请你根据这张图片,讲一个脑洞大开的梗。")
     rows = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
     assert set(rows[0]) == FIELDS
-    assert rows[0]["prediction"] == "回答0" and rows[0]["engine"] == "lmdeploy" and rows[0]["engine_version"] == "0.18.0"
+    assert (
+        rows[0]["prediction"] == "回答0"
+        and rows[0]["engine"] == "lmdeploy"
+        and rows[0]["engine_version"] == "0.18.0"
+    )
     assert rows[0]["engine_backend"] == "pytorch" and rows[0]["completion_ids"] == [5, 6, 7]
-    assert rows[0]["prompt"] == (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*256</img>\n"
-                                 "请你根据这张图片,讲一个脑洞大开的梗。<|im_end|><|im_start|>assistant\n")  # fmt: skip
+    assert rows[0]["prompt"] == (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*256</img>\n"
+        "请你根据这张图片,讲一个脑洞大开的梗。<|im_end|><|im_start|>assistant\n"
+    )
     # The prompt field is the transformers engine's, record for record.
     engine = evaluate.TransformersEngine(tiny_model, GEN, device="cpu")
     _, prompts, _ = engine.prepare(evaluate.read_eval(eval_file), demo_dataset)
     assert [r["prompt"] for r in rows] == [evaluate.abbreviate(p) for p in prompts]
     # ... and so are the token ids LMDeploy built (digest) and its image-token count.
-    trows = [dict(r, id=rec["id"]) for rec, r in zip(evaluate.read_eval(eval_file), engine.generate(evaluate.read_eval(eval_file), demo_dataset))]
+    trows = [
+        dict(r, id=rec["id"])
+        for rec, r in zip(
+            evaluate.read_eval(eval_file), engine.generate(evaluate.read_eval(eval_file), demo_dataset)
+        )
+    ]
     assert [r["prompt_ids_digest"] for r in rows] == [r["prompt_ids_digest"] for r in trows]
-    assert [r["image_tokens"] for r in rows] == [r["image_tokens"] for r in trows] and rows[1]["image_tokens"] > 256
+    assert [r["image_tokens"] for r in rows] == [r["image_tokens"] for r in trows] and rows[1][
+        "image_tokens"
+    ] > 256
     assert "<IMG_CONTEXT>*256</img>" not in rows[1]["prompt"]

@@ -25,7 +25,9 @@ def test_dataset_zip_is_extracted(demo_dataset, tmp_path):
         for jpg in sorted((demo_dataset / "images").iterdir()):
             zf.write(jpg, f"images/{jpg.name}")
     out = fetch("dataset", "local", tmp_path / "out", path=str(src), language="cn")
-    assert (out / "images" / "demo011.jpg").read_bytes() == (demo_dataset / "images" / "demo011.jpg").read_bytes()
+    assert (out / "images" / "demo011.jpg").read_bytes() == (
+        demo_dataset / "images" / "demo011.jpg"
+    ).read_bytes()
     first = json.loads((out / "manifest.json").read_text())
     assert first["extracted_from_zip"] == 13
     again = fetch("dataset", "local", tmp_path / "out", path=str(src), language="cn")  # idempotent
@@ -82,7 +84,6 @@ import sys
 from pathlib import Path
 
 from hub_server import HubServer, Repo, refused_url, wait_for
-
 from vlmtune.fetch import RetryPolicy
 
 MODEL_ID, DATASET_ID = "OpenGVLab/InternVL2-2B", "zhongshsh/CLoT-Oogiri-GO"
@@ -92,8 +93,12 @@ FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 
 def model_files() -> dict[str, bytes]:
     big = hashlib.sha256(b"seed").digest() * (24 * 1024 * 1024 // 32 + 7)  # 24 MiB + 224 B
-    return {"config.json": b'{"model_type": "internvl_chat"}\n', "generation_config.json": b"{}\n",
-            "model.safetensors": big, "tokenizer.model": b"tok" * 1000}  # fmt: skip
+    return {
+        "config.json": b'{"model_type": "internvl_chat"}\n',
+        "generation_config.json": b"{}\n",
+        "model.safetensors": big,
+        "tokenizer.model": b"tok" * 1000,
+    }
 
 
 @pytest.fixture
@@ -105,10 +110,16 @@ def hub(monkeypatch, demo_dataset, tmp_path):
     with zipfile.ZipFile(buf, "w") as zf:
         for jpg in sorted((demo_dataset / "images").iterdir()):
             zf.write(jpg, f"images/{jpg.name}")
-    dataset = {"cn.jsonl": (demo_dataset / "cn.jsonl").read_bytes(), "en.jsonl": b'{"text": "x"}\n',
-               "images.zip": buf.getvalue(), "README.md": b"# CLoT\n"}  # fmt: skip
-    repos = {("model", MODEL_ID): Repo(model_files(), lfs={"model.safetensors"}),
-             ("dataset", DATASET_ID): Repo(dataset, commit="d" * 40, lfs={"images.zip"})}  # fmt: skip
+    dataset = {
+        "cn.jsonl": (demo_dataset / "cn.jsonl").read_bytes(),
+        "en.jsonl": b'{"text": "x"}\n',
+        "images.zip": buf.getvalue(),
+        "README.md": b"# CLoT\n",
+    }
+    repos = {
+        ("model", MODEL_ID): Repo(model_files(), lfs={"model.safetensors"}),
+        ("dataset", DATASET_ID): Repo(dataset, commit="d" * 40, lfs={"images.zip"}),
+    }
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     reset_sessions()
@@ -120,8 +131,16 @@ def hub(monkeypatch, demo_dataset, tmp_path):
 
 
 def test_hub_dataset_download_is_verified_and_pinned(hub, demo_dataset, tmp_path):
-    out = fetch("dataset", "huggingface", tmp_path / "ds", repo_id=DATASET_ID, revision="main",
-                language="cn", policy=FAST, cache_dir=str(hub.cache))  # fmt: skip
+    out = fetch(
+        "dataset",
+        "huggingface",
+        tmp_path / "ds",
+        repo_id=DATASET_ID,
+        revision="main",
+        language="cn",
+        policy=FAST,
+        cache_dir=str(hub.cache),
+    )
     m = json.loads((out / "manifest.json").read_text())
     assert m["revision"] == "main" and m["commit"] == "d" * 40
     assert m["files"]["cn.jsonl"]["sha256"] == sha256(demo_dataset / "cn.jsonl")
@@ -136,12 +155,31 @@ def test_interrupted_download_resumes_without_refetching(hub, tmp_path):
     """A fetch process killed mid-file (as when a Slurm job hits its time limit) leaves the
     completed files and the partial one in the hub cache; the rerun asks only for the rest."""
     hub.fault(path_suffix="model.safetensors", kind="stall", after_bytes=CHUNK + CHUNK // 2)
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(hub.cache), "HF_HUB_OFFLINE": "0",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(hub.cache),
+        "HF_HUB_OFFLINE": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
     out = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, "-m", "vlmtune.fetch", "model", "--source", "huggingface",
-                             "--repo-id", MODEL_ID, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.fetch",
+            "model",
+            "--source",
+            "huggingface",
+            "--repo-id",
+            MODEL_ID,
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     partial = lambda: list(hub.cache.rglob("*.incomplete"))
     try:
         assert wait_for(lambda: partial() and partial()[0].stat().st_size >= CHUNK, timeout=60)
@@ -153,9 +191,15 @@ def test_interrupted_download_resumes_without_refetching(hub, tmp_path):
     first_run = len(hub.requests)
     assert hub.requested("GET", "config.json") and hub.requested("GET", "generation_config.json")
 
-    fetch("model", "huggingface", out, repo_id=MODEL_ID, revision="main", policy=FAST, cache_dir=str(hub.cache))
+    fetch(
+        "model", "huggingface", out, repo_id=MODEL_ID, revision="main", policy=FAST, cache_dir=str(hub.cache)
+    )
     rerun = hub.requests[first_run:]
-    gets = [(path.rsplit("/", 1)[1], rng) for method, path, rng in rerun if method == "GET" and "/resolve/" in path]
+    gets = [
+        (path.rsplit("/", 1)[1], rng)
+        for method, path, rng in rerun
+        if method == "GET" and "/resolve/" in path
+    ]
     # (a) the partial file continues where the killed process left it; (b) finished files are not fetched.
     assert gets == [("model.safetensors", f"bytes={kept}-"), ("tokenizer.model", None)]
     m = json.loads((out / "manifest.json").read_text())
@@ -166,8 +210,15 @@ def test_interrupted_download_resumes_without_refetching(hub, tmp_path):
 
 def test_connection_dropped_mid_file_is_retried_with_range(hub, tmp_path, capsys):
     hub.fault(path_suffix="model.safetensors", kind="drop", after_bytes=CHUNK + 4096)
-    out = fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main", policy=FAST,
-                cache_dir=str(hub.cache))  # fmt: skip
+    out = fetch(
+        "model",
+        "huggingface",
+        tmp_path / "m",
+        repo_id=MODEL_ID,
+        revision="main",
+        policy=FAST,
+        cache_dir=str(hub.cache),
+    )
     ranges = [rng for _, _, rng in hub.requested("GET", "model.safetensors")]
     assert ranges[0] is None and ranges[1] == f"bytes={CHUNK}-" and len(ranges) == 2
     assert sha256(out / "model.safetensors") == hashlib.sha256(model_files()["model.safetensors"]).hexdigest()
@@ -177,8 +228,15 @@ def test_connection_dropped_mid_file_is_retried_with_range(hub, tmp_path, capsys
 def test_transient_503_is_retried_then_succeeds(hub, tmp_path, capsys):
     hub.fault(path_suffix="/revision/main", kind="status", status=503, times=2)
     hub.fault(path_suffix="/config.json", kind="status", status=502, times=1, methods=("HEAD",))
-    out = fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main", policy=FAST,
-                cache_dir=str(hub.cache))  # fmt: skip
+    out = fetch(
+        "model",
+        "huggingface",
+        tmp_path / "m",
+        repo_id=MODEL_ID,
+        revision="main",
+        policy=FAST,
+        cache_dir=str(hub.cache),
+    )
     assert len(hub.requested("GET", "/revision/main")) == 3
     assert len(hub.requested("HEAD", "/config.json")) == 2
     assert (out / "config.json").read_bytes() == model_files()["config.json"]
@@ -186,15 +244,25 @@ def test_transient_503_is_retried_then_succeeds(hub, tmp_path, capsys):
     assert "HTTP 503; retrying" in log and "HTTP 502; retrying" in log
 
 
-@pytest.mark.parametrize("repo_id, revision, why", [
-    ("OpenGVLab/NoSuchModel", "main", "repository not found"),
-    (MODEL_ID, "v9.9", "revision not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "repo_id, revision, why",
+    [
+        ("OpenGVLab/NoSuchModel", "main", "repository not found"),
+        (MODEL_ID, "v9.9", "revision not found"),
+    ],
+)
 def test_permanent_404_fails_at_once_naming_repo_and_revision(hub, tmp_path, repo_id, revision, why):
     slow = RetryPolicy(attempts=5, base_delay=30)  # a retry would show up as a 30 s stall
     with pytest.raises(FetchError) as err:
-        fetch("model", "huggingface", tmp_path / "m", repo_id=repo_id, revision=revision, policy=slow,
-              cache_dir=str(hub.cache))  # fmt: skip
+        fetch(
+            "model",
+            "huggingface",
+            tmp_path / "m",
+            repo_id=repo_id,
+            revision=revision,
+            policy=slow,
+            cache_dir=str(hub.cache),
+        )
     msg = str(err.value)
     assert f"{repo_id}@{revision}" in msg and why in msg and "gave up" not in msg
     assert len(hub.requests) == 1 and not (tmp_path / "m").exists()
@@ -202,8 +270,15 @@ def test_permanent_404_fails_at_once_naming_repo_and_revision(hub, tmp_path, rep
 
 def test_corrupted_download_is_detected_and_refetched(hub, tmp_path, capsys):
     hub.fault(path_suffix="tokenizer.model", kind="corrupt")
-    out = fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main", policy=FAST,
-                cache_dir=str(hub.cache))  # fmt: skip
+    out = fetch(
+        "model",
+        "huggingface",
+        tmp_path / "m",
+        repo_id=MODEL_ID,
+        revision="main",
+        policy=FAST,
+        cache_dir=str(hub.cache),
+    )
     assert len(hub.requested("GET", "tokenizer.model")) == 2
     assert (out / "tokenizer.model").read_bytes() == model_files()["tokenizer.model"]
     assert "differs from the hub's" in capsys.readouterr().out
@@ -212,8 +287,15 @@ def test_corrupted_download_is_detected_and_refetched(hub, tmp_path, capsys):
 def test_no_network_fails_at_once(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", refused_url())
     with pytest.raises(FetchError) as err:
-        fetch("model", "huggingface", tmp_path / "m", repo_id=MODEL_ID, revision="main",
-              policy=RetryPolicy(attempts=5, base_delay=30), cache_dir=str(hub.cache))  # fmt: skip
+        fetch(
+            "model",
+            "huggingface",
+            tmp_path / "m",
+            repo_id=MODEL_ID,
+            revision="main",
+            policy=RetryPolicy(attempts=5, base_delay=30),
+            cache_dir=str(hub.cache),
+        )
     assert "cannot connect" in str(err.value) and "HF_ENDPOINT" in str(err.value)
 
 
@@ -250,7 +332,9 @@ def bomb(path, entries: dict[str, int]) -> None:
 
 def test_a_high_ratio_entry_is_refused_before_extraction(tmp_path):
     bomb(tmp_path / "images.zip", {"images/a.jpg": 1000, "images/bomb.jpg": 64 * 2**20})
-    with pytest.raises(FetchError, match=r"'images/bomb.jpg' unpacks 67,108,864 bytes .*extraction.max_ratio"):
+    with pytest.raises(
+        FetchError, match=r"'images/bomb.jpg' unpacks 67,108,864 bytes .*extraction.max_ratio"
+    ):
         safe_extract(tmp_path / "images.zip", tmp_path / "dest")
     assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").rglob("*.jpg"))
 
@@ -258,8 +342,11 @@ def test_a_high_ratio_entry_is_refused_before_extraction(tmp_path):
 def test_the_total_size_cap_names_the_entry_that_crosses_it(tmp_path):
     bomb(tmp_path / "images.zip", {f"images/{i}.jpg": 2**20 for i in range(4)})
     limits = ExtractLimits(max_bytes=3 * 2**20 + 10, max_ratio=10**6)
-    with pytest.raises(FetchError, match=r"'images/3.jpg' takes the unpacked size to 4,194,304 bytes, over the "
-                                         r"limit of 3,145,738 \(extraction.max_bytes\)"):  # fmt: skip
+    with pytest.raises(
+        FetchError,
+        match=r"'images/3.jpg' takes the unpacked size to 4,194,304 bytes, over the "
+        r"limit of 3,145,738 \(extraction.max_bytes\)",
+    ):
         safe_extract(tmp_path / "images.zip", tmp_path / "dest", limits)
     assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").rglob("*.jpg"))
 
@@ -286,12 +373,44 @@ def test_a_zip_bomb_stops_the_fetch_cli_and_leaves_no_output(demo_dataset, tmp_p
     src.mkdir()
     shutil.copy(demo_dataset / "cn.jsonl", src / "cn.jsonl")
     bomb(src / "images.zip", {"images/demo000.jpg": 32 * 2**20})
-    run = subprocess.run([sys.executable, "-m", "vlmtune.fetch", "dataset", "--source", "local", "--path", str(src),
-                          "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.fetch",
+            "dataset",
+            "--source",
+            "local",
+            "--path",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode != 0 and "images/demo000.jpg" in run.stderr and "extraction.max_ratio" in run.stderr
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-    ok = subprocess.run([sys.executable, "-m", "vlmtune.fetch", "dataset", "--source", "local", "--path", str(src),
-                         "--max-extract-ratio", "2000", "--out", str(tmp_path / "out")], check=False, capture_output=True, text=True)  # fmt: skip
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.fetch",
+            "dataset",
+            "--source",
+            "local",
+            "--path",
+            str(src),
+            "--max-extract-ratio",
+            "2000",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and (tmp_path / "out" / "images" / "demo000.jpg").stat().st_size == 32 * 2**20
 
 

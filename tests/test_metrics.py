@@ -28,7 +28,9 @@ def test_resampled_corpus_scores_equal_sacrebleus_corpus_scores():
     for name, direct in (("bleu", metrics.bleu), ("chrf", metrics.chrf)):
         of_records = metrics.corpus_statistic(name, preds, refs)
         assert of_records([0, 1, 2]) == pytest.approx(direct(preds, refs))
-        assert of_records([0, 0, 2]) == pytest.approx(direct([preds[0], preds[0], preds[2]], [refs[0], refs[0], refs[2]]))
+        assert of_records([0, 0, 2]) == pytest.approx(
+            direct([preds[0], preds[0], preds[2]], [refs[0], refs[0], refs[2]])
+        )
 
 
 def test_chrf_extremes():
@@ -80,7 +82,9 @@ def test_preference_pairs_use_loss_per_token_and_skip_unstarred_and_equal_stars(
     pairs = metrics.preference_pairs(refs)
     # (10,3) ok, (10,20) wrong, (10,3') ok, (3,20) wrong, (20,3') wrong -- (3,3') skipped.
     assert sorted(pairs) == [0.0, 0.0, 0.0, 1.0, 1.0]
-    assert metrics.preference_pairs([dict(star=5, nll=2.0, tokens=2), dict(star=1, nll=1.0, tokens=1)]) == [0.5]
+    assert metrics.preference_pairs([dict(star=5, nll=2.0, tokens=2), dict(star=1, nll=1.0, tokens=1)]) == [
+        0.5
+    ]
 
 
 def test_bootstrap_interval_brackets_the_mean_and_needs_two_units():
@@ -98,7 +102,12 @@ def write_jsonl(path, rows):
 def test_score_writes_overall_and_per_type_metrics(tmp_path):
     refs = lambda *texts_stars: [dict(text=t, star=s) for t, s in texts_stars]  # noqa: E731
     preds = [
-        dict(id="a", type="I2T", prediction="我爱北京天安门", references=refs(("我爱北京天安门", 9), ("今天下雨", 2))),
+        dict(
+            id="a",
+            type="I2T",
+            prediction="我爱北京天安门",
+            references=refs(("我爱北京天安门", 9), ("今天下雨", 2)),
+        ),
         dict(id="b", type="T2T", prediction="小猫咪,你的猫爪好臭啊", references=refs(("猫爪好臭", None))),
         dict(id="c", type="I2T", prediction="", references=refs(("钱包:我已经尽力了。", 1))),
     ]
@@ -107,16 +116,28 @@ def test_score_writes_overall_and_per_type_metrics(tmp_path):
         dict(id="b", references=[dict(star=None, nll=3.0, tokens=1)]),
         dict(id="c", references=[dict(star=1, nll=1.0, tokens=1)]),
     ]
-    train = [dict(id=0, image="x.jpg", conversations=[{"from": "human", "value": "<image>\nq"},
-                                                      {"from": "gpt", "value": "小猫咪, 你的猫爪好臭啊"}])]  # fmt: skip
+    train = [
+        dict(
+            id=0,
+            image="x.jpg",
+            conversations=[
+                {"from": "human", "value": "<image>\nq"},
+                {"from": "gpt", "value": "小猫咪, 你的猫爪好臭啊"},
+            ],
+        )
+    ]
     write_jsonl(tmp_path / "p.jsonl", preds)
     write_jsonl(tmp_path / "n.jsonl", nll)
     (tmp_path / "train.json").write_text(json.dumps(train, ensure_ascii=False), encoding="utf-8")
-    res = metrics.score(tmp_path / "p.jsonl", tmp_path / "m.json", tmp_path / "n.jsonl", tmp_path / "train.json", 200, 0)
+    res = metrics.score(
+        tmp_path / "p.jsonl", tmp_path / "m.json", tmp_path / "n.jsonl", tmp_path / "train.json", 200, 0
+    )
     assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8")) == res
     o = res["overall"]
     assert res["records"] == 3 and set(res["by_type"]) == {"I2T", "T2T"}
-    assert o["train_copy_rate"]["value"] == pytest.approx(1 / 3)  # b repeats a training response (blanks ignored)
+    assert o["train_copy_rate"]["value"] == pytest.approx(
+        1 / 3
+    )  # b repeats a training response (blanks ignored)
     assert o["empty_rate"]["value"] == pytest.approx(1 / 3)
     assert o["prediction_chars"]["value"] == pytest.approx((7 + 11 + 0) / 3)
     assert o["prediction_chars"]["median"] == 7 and o["prediction_chars"]["max"] == 11

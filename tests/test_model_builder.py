@@ -4,8 +4,8 @@ import torch
 
 
 def test_tiny_model_round_trip(tiny_model):
-    from transformers import AutoModel, AutoTokenizer
     from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(tiny_model, trust_remote_code=True, torch_dtype=torch.bfloat16)
     assert type(model).__name__ == "InternVLChatModel"
@@ -14,10 +14,17 @@ def test_tiny_model_round_trip(tiny_model):
     assert set(saved) == set(state)
     assert all(torch.equal(saved[k], state[k]) for k in saved)
     # InternVL2's parameter names, which xtuner and LMDeploy look up.
-    for name in ["vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.attn.qkv.weight",
-                 "mlp1.0.weight", "mlp1.1.weight", "mlp1.3.weight",
-                 "language_model.model.tok_embeddings.weight", "language_model.model.layers.0.attention.wqkv.weight",
-                 "language_model.model.layers.0.feed_forward.w1.weight", "language_model.output.weight"]:
+    for name in [
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.encoder.layers.0.attn.qkv.weight",
+        "mlp1.0.weight",
+        "mlp1.1.weight",
+        "mlp1.3.weight",
+        "language_model.model.tok_embeddings.weight",
+        "language_model.model.layers.0.attention.wqkv.weight",
+        "language_model.model.layers.0.feed_forward.w1.weight",
+        "language_model.output.weight",
+    ]:
         assert name in saved, name
     cfg = json.loads((tiny_model / "config.json").read_text())
     assert cfg["force_image_size"] == 448 and cfg["vision_config"]["patch_size"] == 14

@@ -14,9 +14,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from hub_server import refused_url
 from modelscope_server import ModelScopeServer, MsRepo, wait_for
-
 from vlmtune.fetch import FetchError, RetryPolicy, fetch, sha256
 
 MODEL_ID, DATASET_ID = "OpenGVLab/InternVL2-2B", "zhongshsh/CLoT-Oogiri-GO"
@@ -26,8 +26,11 @@ SLOW = RetryPolicy(attempts=5, base_delay=30)  # a retry would show up as a 30 s
 
 def model_files(tag: bytes = b"") -> dict[str, bytes]:
     big = hashlib.sha256(b"seed" + tag).digest() * (3 * 1024 * 1024 // 32 + 7)  # 3 MiB + 224 B
-    return {"config.json": b'{"model_type": "internvl_chat"%s}\n' % tag, "model.safetensors": big,
-            "tokenizer.model": b"tok" * 1000}  # fmt: skip
+    return {
+        "config.json": b'{"model_type": "internvl_chat"%s}\n' % tag,
+        "model.safetensors": big,
+        "tokenizer.model": b"tok" * 1000,
+    }
 
 
 @pytest.fixture
@@ -36,11 +39,19 @@ def ms(monkeypatch, demo_dataset, tmp_path):
     with zipfile.ZipFile(buf, "w") as zf:
         for jpg in sorted((demo_dataset / "images").iterdir()):
             zf.write(jpg, f"images/{jpg.name}")
-    dataset = {"cn.jsonl": (demo_dataset / "cn.jsonl").read_bytes(), "en.jsonl": b'{"text": "x"}\n',
-               "images.zip": buf.getvalue(), "README.md": b"# CLoT\n"}  # fmt: skip
-    repos = {("model", MODEL_ID): MsRepo({"master": model_files(), "v1.0": model_files(b", \"old\": 1")}, tags={"v1.0"}),
-             ("dataset", DATASET_ID): MsRepo({"master": dataset}),
-             ("model", "OpenGVLab/NoHashes"): MsRepo({"master": model_files()}, sha256=False)}  # fmt: skip
+    dataset = {
+        "cn.jsonl": (demo_dataset / "cn.jsonl").read_bytes(),
+        "en.jsonl": b'{"text": "x"}\n',
+        "images.zip": buf.getvalue(),
+        "README.md": b"# CLoT\n",
+    }
+    repos = {
+        ("model", MODEL_ID): MsRepo(
+            {"master": model_files(), "v1.0": model_files(b', "old": 1')}, tags={"v1.0"}
+        ),
+        ("dataset", DATASET_ID): MsRepo({"master": dataset}),
+        ("model", "OpenGVLab/NoHashes"): MsRepo({"master": model_files()}, sha256=False),
+    }
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.modelscope credentials of the machine
     with ModelScopeServer(repos) as server:
         monkeypatch.setenv("MODELSCOPE_DOMAIN", server.url)
@@ -49,8 +60,16 @@ def ms(monkeypatch, demo_dataset, tmp_path):
 
 
 def get(kind, out, repo_id=MODEL_ID, revision="master", policy=FAST, ms=None, **kw):
-    return fetch(kind, "modelscope", out, repo_id=repo_id, revision=revision, policy=policy,
-                 cache_dir=str(ms.cache), **kw)  # fmt: skip
+    return fetch(
+        kind,
+        "modelscope",
+        out,
+        repo_id=repo_id,
+        revision=revision,
+        policy=policy,
+        cache_dir=str(ms.cache),
+        **kw,
+    )
 
 
 def test_model_download_is_verified_against_the_listed_sha256(ms, tmp_path):
@@ -58,8 +77,11 @@ def test_model_download_is_verified_against_the_listed_sha256(ms, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     for name, data in model_files().items():
         assert (out / name).read_bytes() == data
-        assert m["files"][name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                                    "hub_check": "modelscope_sha256"}  # fmt: skip
+        assert m["files"][name] == {
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "hub_check": "modelscope_sha256",
+        }
     assert m["source"] == "modelscope" and m["revision"] == "master" and m["hub_checked_files"] == 3
     assert m["commit"] == ms.repos[("model", MODEL_ID)].commit("master") and m["endpoint"] == ms.url
     again = get("model", tmp_path / "m", ms=ms)  # a rerun downloads nothing: the blobs are cached
@@ -114,12 +136,31 @@ def test_interrupted_download_resumes_without_refetching(ms, tmp_path):
     """A fetch process killed mid-file leaves the finished files and the partial one in the
     cache; the rerun asks only for the rest of the partial file."""
     ms.fault(path_suffix="model.safetensors", kind="stall", after_bytes=2 * 1024 * 1024)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
-           "MODELSCOPE_CACHE": str(ms.cache)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+        "MODELSCOPE_CACHE": str(ms.cache),
+    }
     out = tmp_path / "model"
-    proc = subprocess.Popen([sys.executable, "-m", "vlmtune.fetch", "model", "--source", "modelscope", "--repo-id",
-                             MODEL_ID, "--revision", "master", "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vlmtune.fetch",
+            "model",
+            "--source",
+            "modelscope",
+            "--repo-id",
+            MODEL_ID,
+            "--revision",
+            "master",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     partial = lambda: list(ms.cache.rglob("*.incomplete"))
     try:
         assert wait_for(lambda: partial() and partial()[0].stat().st_size >= 2 * 1024 * 1024, timeout=60)
@@ -132,20 +173,26 @@ def test_interrupted_download_resumes_without_refetching(ms, tmp_path):
     assert ms.requested("GET", "config.json")
 
     get("model", out, ms=ms)
-    gets = [(p.rsplit("/", 1)[1], rng) for method, p, rng in ms.requests[first_run:] if "/repo/" in p and
-            not p.endswith("/repo/files")]  # fmt: skip
+    gets = [
+        (p.rsplit("/", 1)[1], rng)
+        for method, p, rng in ms.requests[first_run:]
+        if "/repo/" in p and not p.endswith("/repo/files")
+    ]
     assert gets == [("model.safetensors", f"bytes={kept}-"), ("tokenizer.model", None)]
     for name, data in model_files().items():
         assert sha256(out / name) == hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("kind, repo_id, revision, why", [
-    ("model", "OpenGVLab/NoSuchModel", "master", "repository not found"),
-    ("model", MODEL_ID, "v9.9", "revision not found"),
-    ("model", MODEL_ID, "main", "revision not found"),  # the hub's default, not ModelScope's
-    ("dataset", "zhongshsh/NoSuchData", "master", "repository not found"),
-    ("dataset", DATASET_ID, "v9.9", "revision not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, repo_id, revision, why",
+    [
+        ("model", "OpenGVLab/NoSuchModel", "master", "repository not found"),
+        ("model", MODEL_ID, "v9.9", "revision not found"),
+        ("model", MODEL_ID, "main", "revision not found"),  # the hub's default, not ModelScope's
+        ("dataset", "zhongshsh/NoSuchData", "master", "repository not found"),
+        ("dataset", DATASET_ID, "v9.9", "revision not found"),
+    ],
+)
 def test_permanent_404_fails_at_once_naming_repo_and_revision(ms, tmp_path, kind, repo_id, revision, why):
     with pytest.raises(FetchError) as err:
         get(kind, tmp_path / "x", repo_id=repo_id, revision=revision, policy=SLOW, ms=ms, language="cn")

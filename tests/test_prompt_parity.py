@@ -3,7 +3,6 @@ the ids LMDeploy would send (its own chat-template, InternVL preprocessing and t
 as its PyTorch/TurboMind paths run them) and the ids of the transformers engine are the same,
 for the demo tiny model's tokenizer; a changed system prompt or separator breaks the equality."""
 
-import asyncio
 import copy
 import json
 
@@ -21,13 +20,23 @@ def xtuner_prompt_ids(model_dir, image_folder, image, question, tmp_path):
     from xtuner.dataset.internvl_dataset import InternVL_V1_5_Dataset
     from xtuner.utils import IGNORE_INDEX, PROMPT_TEMPLATE
 
-    sample = dict(id=0, image=f"images/{image}.jpg",
-                  conversations=[dict(**{"from": "human", "value": f"<image>\n{question}"}),
-                                 dict(**{"from": "gpt", "value": "月亮不睡你不睡。"})])  # fmt: skip
+    sample = dict(
+        id=0,
+        image=f"images/{image}.jpg",
+        conversations=[
+            dict(**{"from": "human", "value": f"<image>\n{question}"}),
+            dict(**{"from": "gpt", "value": "月亮不睡你不睡。"}),
+        ],
+    )
     data = tmp_path / "train.json"
     data.write_text(json.dumps([sample], ensure_ascii=False), encoding="utf-8")
-    ds = InternVL_V1_5_Dataset(str(model_dir), ConfigDict(copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat)),
-                               str(data), image_folders=str(image_folder), max_length=8192)  # fmt: skip
+    ds = InternVL_V1_5_Dataset(
+        str(model_dir),
+        ConfigDict(copy.deepcopy(PROMPT_TEMPLATE.internlm2_chat)),
+        str(data),
+        image_folders=str(image_folder),
+        max_length=8192,
+    )
     item = ds.prepare_data(0)
     first_label = next(i for i, lab in enumerate(item["labels"]) if lab != IGNORE_INDEX)
     return item["input_ids"][:first_label], len(item["pixel_values"])
@@ -41,11 +50,15 @@ def lmdeploy_prompt_ids(model_dir, image_path, question, template_config):
     from vlmtune.lmdeploy_engine import prompt_ids, tiling
 
     ids, _ = prompt_ids(model_dir, load_image(str(image_path)), question, template_config)
-    img_ctx = ids.count(TOKENIZER_IMG_CONTEXT[str(model_dir)]) if str(model_dir) in TOKENIZER_IMG_CONTEXT else None
+    img_ctx = (
+        ids.count(TOKENIZER_IMG_CONTEXT[str(model_dir)]) if str(model_dir) in TOKENIZER_IMG_CONTEXT else None
+    )
     if img_ctx is None:
         from transformers import AutoTokenizer
 
-        TOKENIZER_IMG_CONTEXT[str(model_dir)] = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True).convert_tokens_to_ids("<IMG_CONTEXT>")
+        TOKENIZER_IMG_CONTEXT[str(model_dir)] = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=True
+        ).convert_tokens_to_ids("<IMG_CONTEXT>")
         img_ctx = ids.count(TOKENIZER_IMG_CONTEXT[str(model_dir)])
     return ids, img_ctx // tiling(model_dir)["tokens_per_tile"]
 
@@ -61,9 +74,13 @@ def engine(tiny_model):
 
 
 @pytest.mark.parametrize("image,question", SAMPLES)
-def test_training_lmdeploy_and_transformers_prompts_are_token_identical(tiny_model, demo_dataset, engine, tmp_path, image, question):
+def test_training_lmdeploy_and_transformers_prompts_are_token_identical(
+    tiny_model, demo_dataset, engine, tmp_path, image, question
+):
     train_ids, train_tiles = xtuner_prompt_ids(tiny_model, demo_dataset, image, question, tmp_path)
-    lmd_ids, lmd_tiles = lmdeploy_prompt_ids(tiny_model, demo_dataset / "images" / f"{image}.jpg", question, lmdeploy_chat_template())
+    lmd_ids, lmd_tiles = lmdeploy_prompt_ids(
+        tiny_model, demo_dataset / "images" / f"{image}.jpg", question, lmdeploy_chat_template()
+    )
     rec = dict(id="x", image=f"images/{image}.jpg", question=question, references=[])
     _, _, enc = engine.prepare([rec], demo_dataset)
     eval_ids = enc.input_ids[0].tolist()
@@ -83,7 +100,9 @@ def test_training_lmdeploy_and_transformers_prompts_are_token_identical(tiny_mod
 
 CHANGES = {
     "system prompt": dict(system="你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型。"),
-    "newline after <|im_end|> (internlm2_chat separators)": dict(template={**TEMPLATE, "eosys": "<|im_end|>\n", "eoh": "<|im_end|>\n"}),
+    "newline after <|im_end|> (internlm2_chat separators)": dict(
+        template={**TEMPLATE, "eosys": "<|im_end|>\n", "eoh": "<|im_end|>\n"}
+    ),
     "no newline after the user tag": dict(template={**TEMPLATE, "user": "<|im_start|>user"}),
 }
 
@@ -93,15 +112,21 @@ def test_changed_system_prompt_or_separator_breaks_parity(tiny_model, demo_datas
     image, question = SAMPLES[1]
     train_ids, tiles = xtuner_prompt_ids(tiny_model, demo_dataset, image, question, tmp_path)
     kwargs = CHANGES[change]
-    lmd_ids, _ = lmdeploy_prompt_ids(tiny_model, demo_dataset / "images" / f"{image}.jpg", question, lmdeploy_chat_template(**kwargs))
-    text = training_prompt(question, image_tokens(tiles, engine.tokens_per_tile), **{"system": SYSTEM_PROMPT, **kwargs})
+    lmd_ids, _ = lmdeploy_prompt_ids(
+        tiny_model, demo_dataset / "images" / f"{image}.jpg", question, lmdeploy_chat_template(**kwargs)
+    )
+    text = training_prompt(
+        question, image_tokens(tiles, engine.tokens_per_tile), **{"system": SYSTEM_PROMPT, **kwargs}
+    )
     eval_ids = engine.tokenizer(text, add_special_tokens=True).input_ids
     assert lmd_ids != train_ids
     assert eval_ids != train_ids
     assert lmd_ids == eval_ids  # both renderers apply the same change the same way
 
 
-def test_a_model_folder_without_internvl2_in_its_name_gets_the_training_template(tiny_model, demo_dataset, tmp_path):
+def test_a_model_folder_without_internvl2_in_its_name_gets_the_training_template(
+    tiny_model, demo_dataset, tmp_path
+):
     """The engine hands LMDeploy the template, so the tutorial's rename trick is not needed: a
     merged model in `my-finetune/` is prompted exactly as in training. Without the explicit
     template LMDeploy would pick another one for such a folder (what the trick worked around)."""
@@ -116,7 +141,10 @@ def test_a_model_folder_without_internvl2_in_its_name_gets_the_training_template
     shutil.copytree(tiny_model, renamed)
     image, question = SAMPLES[0]
     image_path = demo_dataset / "images" / f"{image}.jpg"
-    assert prompt_ids(renamed, load_image(str(image_path)), question)[0] == prompt_ids(tiny_model, load_image(str(image_path)), question)[0]
+    assert (
+        prompt_ids(renamed, load_image(str(image_path)), question)[0]
+        == prompt_ids(tiny_model, load_image(str(image_path)), question)[0]
+    )
     messages = [dict(role="user", content="<img><IMG_CONTEXT></img>\n" + question)]
     explicit = get_chat_template(str(renamed), lmdeploy_chat_template()).messages2prompt(messages)
     assert explicit == training_prompt(question, "<img><IMG_CONTEXT></img>")

@@ -3,8 +3,8 @@ reported; the report rendered by headless Chromium, its screenshot checked."""
 
 import base64
 import io
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,9 +14,27 @@ import pytest
 from vlmtune import evaluate, metrics, report
 
 GEN = dict(max_new_tokens=6, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
-FIELDS = {"id", "image", "type", "question", "prompt", "references", "prediction", "prompt_tokens",
-          "prompt_ids_digest", "image_tokens", "completion_tokens", "completion_ids", "first_token_margin",
-          "finish_reason", "engine", "engine_backend", "engine_version", "generation", "model"}  # fmt: skip
+FIELDS = {
+    "id",
+    "image",
+    "type",
+    "question",
+    "prompt",
+    "references",
+    "prediction",
+    "prompt_tokens",
+    "prompt_ids_digest",
+    "image_tokens",
+    "completion_tokens",
+    "completion_ids",
+    "first_token_margin",
+    "finish_reason",
+    "engine",
+    "engine_backend",
+    "engine_version",
+    "generation",
+    "model",
+}
 
 
 def perturbed_copy(model_dir, out):
@@ -37,30 +55,71 @@ def eval_records(dataset):
     """Three held-out records: two on one image (one with two starred references), one I2T."""
     ref = lambda text, star: dict(text=text, star=star)  # noqa: E731
     return [
-        dict(id="eval-0", image="images/demo003.jpg", type="I2T", question="请你根据这张图片,讲一个脑洞大开的梗。",
-             references=[ref("月亮不睡你不睡,你是秃头小宝贝。", 120), ref("钱包:我已经尽力了。", 7), ref("别看了。", None)]),
-        dict(id="eval-1", image="images/demo003.jpg", type="T2T", question="给这张图配一句话。",
-             references=[ref("我的快乐,来得快去得也快。", 40)]),
-        dict(id="eval-2", image="images/demo000.jpg", type="IT2T", question="这张图片里的人在想什么?",
-             references=[ref("减肥第一天,先吃顿好的。", None)]),
-    ]  # fmt: skip
+        dict(
+            id="eval-0",
+            image="images/demo003.jpg",
+            type="I2T",
+            question="请你根据这张图片,讲一个脑洞大开的梗。",
+            references=[
+                ref("月亮不睡你不睡,你是秃头小宝贝。", 120),
+                ref("钱包:我已经尽力了。", 7),
+                ref("别看了。", None),
+            ],
+        ),
+        dict(
+            id="eval-1",
+            image="images/demo003.jpg",
+            type="T2T",
+            question="给这张图配一句话。",
+            references=[ref("我的快乐,来得快去得也快。", 40)],
+        ),
+        dict(
+            id="eval-2",
+            image="images/demo000.jpg",
+            type="IT2T",
+            question="这张图片里的人在想什么?",
+            references=[ref("减肥第一天,先吃顿好的。", None)],
+        ),
+    ]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model, demo_dataset):
     root = tmp_path_factory.mktemp("eval")
     eval_path = root / "eval.jsonl"
-    eval_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_records(demo_dataset)), encoding="utf-8")
-    train = [dict(id=0, image="images/demo001.jpg", conversations=[{"from": "human", "value": "<image>\nq"},
-                                                                   {"from": "gpt", "value": "我的快乐,来得快去得也快。"}])]  # fmt: skip
+    eval_path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in eval_records(demo_dataset)),
+        encoding="utf-8",
+    )
+    train = [
+        dict(
+            id=0,
+            image="images/demo001.jpg",
+            conversations=[
+                {"from": "human", "value": "<image>\nq"},
+                {"from": "gpt", "value": "我的快乐,来得快去得也快。"},
+            ],
+        )
+    ]
     (root / "train.json").write_text(json.dumps(train, ensure_ascii=False), encoding="utf-8")
     models = {"base": tiny_model, "finetuned": perturbed_copy(tiny_model, root / "InternVL2-tiny-ft")}
     for variant, model in models.items():
         out = root / variant
-        evaluate.generate(model, eval_path, demo_dataset, "transformers", out / "predictions.jsonl", GEN, batch_size=2)
+        evaluate.generate(
+            model, eval_path, demo_dataset, "transformers", out / "predictions.jsonl", GEN, batch_size=2
+        )
         evaluate.reference_nll(model, eval_path, demo_dataset, out / "reference_nll.jsonl")
-        metrics.score(out / "predictions.jsonl", out / "metrics.json", out / "reference_nll.jsonl", root / "train.json", 100, 0)
-    report.build("test", {v: root / v for v in models}, demo_dataset, root / "report.html", root / "summary.png")
+        metrics.score(
+            out / "predictions.jsonl",
+            out / "metrics.json",
+            out / "reference_nll.jsonl",
+            root / "train.json",
+            100,
+            0,
+        )
+    report.build(
+        "test", {v: root / v for v in models}, demo_dataset, root / "report.html", root / "summary.png"
+    )
     return root
 
 
@@ -75,7 +134,9 @@ def test_both_models_get_the_same_prompts_and_settings(run):
         assert set(b) == set(f) == FIELDS
         assert b["prompt"] == f["prompt"] and b["generation"] == f["generation"] == GEN
         assert b["prompt_ids_digest"] == f["prompt_ids_digest"] and b["image_tokens"] == f["image_tokens"] > 0
-        assert b["prompt"].startswith("<|im_start|>system\nYou are an AI assistant whose name is InternLM (书生·浦语).<|im_end|>")
+        assert b["prompt"].startswith(
+            "<|im_start|>system\nYou are an AI assistant whose name is InternLM (书生·浦语).<|im_end|>"
+        )
         assert re.search(r"<img><IMG_CONTEXT>\*\d+</img>\n", b["prompt"])
         assert 1 <= b["completion_tokens"] <= GEN["max_new_tokens"] and b["prompt_tokens"] > 256
     assert [b["prediction"] for b in base] != [f["prediction"] for f in ft]
@@ -92,8 +153,18 @@ def test_metrics_json_has_overall_per_type_and_intervals(run):
     m = json.loads((run / "finetuned" / "metrics.json").read_text(encoding="utf-8"))
     assert m["records"] == 3 and set(m["by_type"]) == {"I2T", "T2T", "IT2T"}
     o = m["overall"]
-    for key in ("bleu", "chrf", "rouge_l", "cider_d", "distinct_1", "distinct_2", "reference_nll",
-                "reference_perplexity", "train_copy_rate", "prediction_chars"):  # fmt: skip
+    for key in (
+        "bleu",
+        "chrf",
+        "rouge_l",
+        "cider_d",
+        "distinct_1",
+        "distinct_2",
+        "reference_nll",
+        "reference_perplexity",
+        "train_copy_rate",
+        "prediction_chars",
+    ):
         assert o[key]["value"] is not None, key
         assert o[key]["ci95"] is not None and o[key]["ci95"][0] <= o[key]["ci95"][1], key
     assert o["preference_accuracy"]["n"] == 1  # one pair: stars 120 vs 7 (the unstarred one is left out)
@@ -108,7 +179,14 @@ def test_report_html_is_self_contained(run):
 
     with Image.open(io.BytesIO(base64.b64decode(srcs[0].split(",", 1)[1]))) as img:
         assert max(img.size) == report.THUMBNAIL
-    for needle in ("<th>base</th>", "<th>finetuned</th>", "Δ finetuned − base", "CIDEr-D", "月亮不睡你不睡", "★120"):
+    for needle in (
+        "<th>base</th>",
+        "<th>finetuned</th>",
+        "Δ finetuned − base",
+        "CIDEr-D",
+        "月亮不睡你不睡",
+        "★120",
+    ):
         assert needle in text, needle
 
 
@@ -123,9 +201,20 @@ def test_summary_png_is_a_plot(run):
 def chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     # Not skipped: CI installs it from .ci/apt-packages.txt.
-    assert exe, "chromium is not installed: make test installs it (.ci/apt-packages.txt through .ci/install-system-packages)"
-    return [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=10000",
-            "--enable-logging=stderr", "--v=0"]  # fmt: skip
+    assert exe, (
+        "chromium is not installed: make test installs it (.ci/apt-packages.txt through "
+        ".ci/install-system-packages)"
+    )
+    return [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=10000",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
 
 
 def test_report_renders_in_headless_chromium(run, tmp_path):
@@ -140,14 +229,23 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     # The check can fail: a copy with one corrupt image reports 2 of 3 decoded.
     broken = tmp_path / "broken.html"
     text = (run / "report.html").read_text(encoding="utf-8")
-    broken.write_text(re.sub(r'src="data:image/jpeg;base64,[^"]+"', 'src="data:image/jpeg;base64,AAAA"', text, count=1), encoding="utf-8")
-    bad = subprocess.run(chromium() + ["--dump-dom", broken.as_uri()], capture_output=True, text=True, timeout=120)
+    broken.write_text(
+        re.sub(r'src="data:image/jpeg;base64,[^"]+"', 'src="data:image/jpeg;base64,AAAA"', text, count=1),
+        encoding="utf-8",
+    )
+    bad = subprocess.run(
+        chromium() + ["--dump-dom", broken.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert 'data-images-decoded="2/3"' in bad.stdout
 
     shot = tmp_path / "shot.png"
     width, height = 1280, 4000
-    res = subprocess.run(chromium() + [f"--window-size={width},{height}", f"--screenshot={shot}", url],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        chromium() + [f"--window-size={width},{height}", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
     with Image.open(shot) as img:
         page = img.convert("RGB")
@@ -186,9 +284,13 @@ def glyph_probe(page_html: str) -> str:
     cells = "".join(
         f'<span style="position:absolute;left:{CELL * i}px;top:{CELL * row}px;width:{CELL}px;height:{CELL}px;'
         f'font-size:48px;line-height:{CELL}px;text-align:center;color:#000">{ch}</span>'
-        for row, text in enumerate((CJK, BOXES)) for i, ch in enumerate(text)
-    )  # fmt: skip
-    grid = f'<div style="position:fixed;left:0;top:0;width:{CELL * len(CJK)}px;height:{2 * CELL}px;background:#fff;z-index:9">{cells}</div>'
+        for row, text in enumerate((CJK, BOXES))
+        for i, ch in enumerate(text)
+    )
+    grid = (
+        f'<div style="position:fixed;left:0;top:0;width:{CELL * len(CJK)}px;height:{2 * CELL}px;'
+        f'background:#fff;z-index:9">{cells}</div>'
+    )
     return page_html.replace("</body>", grid + "</body>")
 
 
@@ -197,14 +299,21 @@ def glyph_masks(html_path, tmp_path, env=None):
     from PIL import Image
 
     shot = tmp_path / f"glyphs-{len(list(tmp_path.glob('glyphs-*')))}.png"
-    res = subprocess.run(chromium() + ["--window-size=800,300", f"--screenshot={shot}", html_path.as_uri()],
-                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    res = subprocess.run(
+        chromium() + ["--window-size=800,300", f"--screenshot={shot}", html_path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert res.returncode == 0 and shot.exists(), res.stderr[-2000:]
     with Image.open(shot) as img:
         grey = img.convert("L")
+
     def mask(row, i):  # noqa: E306
         box = grey.crop((CELL * i, CELL * row, CELL * (i + 1), CELL * (row + 1)))
         return frozenset(j for j, v in enumerate(box.getdata()) if v < 128)
+
     return [mask(0, i) for i in range(len(CJK))], [mask(1, i) for i in range(len(CJK))]
 
 
@@ -217,7 +326,9 @@ def assert_glyphs(cjk, boxes):
     assert all(boxes) and len(set(boxes)) == 1, "the box reference did not render as one box shape"
     assert all(len(m) > 40 for m in cjk), [len(m) for m in cjk]
     assert min(differ(m, boxes[0]) for m in cjk) > 100, "a CJK character rendered as a box (no CJK font?)"
-    assert min(differ(a, b) for i, a in enumerate(cjk) for b in cjk[i + 1 :]) > 100, "CJK characters look alike"
+    assert min(differ(a, b) for i, a in enumerate(cjk) for b in cjk[i + 1 :]) > 100, (
+        "CJK characters look alike"
+    )
 
 
 def no_cjk_fontconfig(tmp_path) -> dict:
@@ -225,9 +336,11 @@ def no_cjk_fontconfig(tmp_path) -> dict:
     files = subprocess.run(["fc-list", ":lang=zh", "file"], capture_output=True, text=True).stdout.split()
     rejects = "".join(f"<glob>{f.rstrip(':')}</glob>" for f in files)
     conf = tmp_path / "fonts.conf"
-    conf.write_text('<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd"><fontconfig>'
-                    '<include ignore_missing="yes">/etc/fonts/fonts.conf</include>'
-                    f"<selectfont><rejectfont>{rejects}</rejectfont></selectfont></fontconfig>")  # fmt: skip
+    conf.write_text(
+        '<?xml version="1.0"?><!DOCTYPE fontconfig SYSTEM "fonts.dtd"><fontconfig>'
+        '<include ignore_missing="yes">/etc/fonts/fonts.conf</include>'
+        f"<selectfont><rejectfont>{rejects}</rejectfont></selectfont></fontconfig>"
+    )
     return dict(os.environ, FONTCONFIG_FILE=str(conf))
 
 
@@ -253,7 +366,9 @@ def test_a_delta_that_rounds_to_zero_is_neutral():
     assert report.delta_cell(-0.002, True) == '<td class="worse">-0.002</td>'
     assert report.delta_cell(-0.002, False) == '<td class="better">-0.002</td>'
     assert report.delta_cell(0.5, None) == '<td class="">+0.500</td>'
-    table = report.metric_table({"base": {"bleu": {"value": 1.2344}}, "finetuned": {"bleu": {"value": 1.2341}}}, ["base", "finetuned"])
+    table = report.metric_table(
+        {"base": {"bleu": {"value": 1.2344}}, "finetuned": {"bleu": {"value": 1.2341}}}, ["base", "finetuned"]
+    )
     assert "-0.000" not in table and "worse" not in table and "<td>0.000</td>" in table
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import PLANTED_TOKEN, ROOT, run_snakemake
+from conftest import PLANTED_TOKEN, run_snakemake
 from vlmtune import provenance
 from vlmtune.fetch import sha256
 
@@ -29,7 +29,11 @@ def test_code_digest_follows_the_step_imports_and_ignores_mtimes(tmp_path):
     (pkg / "other.py").write_text("Y = 1\n")
     (pkg / "step.py").write_text("from .util import X\n\ndef main():\n    from . import other\n")
     (pkg / "lone.py").write_text("import json\n")
-    assert [p.name for p in provenance.module_closure("step", package=pkg)] == ["other.py", "step.py", "util.py"]
+    assert [p.name for p in provenance.module_closure("step", package=pkg)] == [
+        "other.py",
+        "step.py",
+        "util.py",
+    ]
     before = provenance.code_digest("step", package=pkg)
     lone = provenance.code_digest("lone", package=pkg)
     os.utime(pkg / "util.py", (time.time() + 100, time.time() + 100))
@@ -63,7 +67,9 @@ def test_render_reads_only_the_train_keys_the_workflow_passes(configs, tmp_path)
             return super().get(key, default)
 
     train_json = tmp_path / "train.json"
-    train_json.write_text(json.dumps([{"id": i, "image": "images/a.jpg", "conversations": []} for i in range(5000)]))
+    train_json.write_text(
+        json.dumps([{"id": i, "image": "images/a.jpg", "conversations": []} for i in range(5000)])
+    )
     for config in configs:
         passed = {k: v for k, v in config["train"].items() if k in SETTINGS}
         render(tmp_path, train_json, tmp_path, Recording(passed))
@@ -118,7 +124,11 @@ def overlay(tmp_path, text):
 
 
 def rules_in(workdir, *smk) -> set:
-    return {r for f in smk for r in re.findall(r"^rule (\w+):", (workdir / "workflow/rules" / f).read_text(), re.M)}
+    return {
+        r
+        for f in smk
+        for r in re.findall(r"^rule (\w+):", (workdir / "workflow/rules" / f).read_text(), re.M)
+    }
 
 
 def assert_plan(jobs, workdir, required: dict, from_conversion=False):
@@ -154,15 +164,31 @@ def test_lr_reruns_config_train_merge_and_evaluation_not_fetch_or_convert(demo_r
 
 @pytest.mark.slow
 def test_resources_rerun_nothing(demo_run, tmp_path):
-    text = "train:\n  runtime: 31\n  mem_mb: 5000\n  cpus_per_task: 1\nevaluate:\n  mem_mb: 5000\n  runtime: 16\n"
+    text = (
+        "train:\n  runtime: 31\n  mem_mb: 5000\n  cpus_per_task: 1\n"
+        "evaluate:\n  mem_mb: 5000\n  runtime: 16\n"
+    )
     assert planned(demo_run, overlay(tmp_path, text)) == Counter()
 
 
 @pytest.mark.slow
 def test_a_conversion_setting_reruns_from_conversion_on(demo_run, tmp_path):
-    jobs = planned(demo_run, overlay(tmp_path, "conversion:\n  default_question: Tell a joke about this picture.\n"))
-    assert_plan(jobs, demo_run, {"convert_dataset": 1, "validate_dataset": 1, "render_xtuner_config": 1, "train": 1,
-                                 "merge_lora": 1, "evaluate": 2}, from_conversion=True)  # fmt: skip
+    jobs = planned(
+        demo_run, overlay(tmp_path, "conversion:\n  default_question: Tell a joke about this picture.\n")
+    )
+    assert_plan(
+        jobs,
+        demo_run,
+        {
+            "convert_dataset": 1,
+            "validate_dataset": 1,
+            "render_xtuner_config": 1,
+            "train": 1,
+            "merge_lora": 1,
+            "evaluate": 2,
+        },
+        from_conversion=True,
+    )
 
 
 @pytest.mark.slow
@@ -180,12 +206,24 @@ def test_touched_downloads_do_not_retrain(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module, required", [
-    ("merge", {"merge_lora": 1, "evaluate": 1}),
-    ("xtuner_config", {"render_xtuner_config": 1, "train": 1, "merge_lora": 1, "evaluate": 1}),
-    ("convert", {"convert_dataset": 1, "validate_dataset": 1, "render_xtuner_config": 1, "train": 1, "merge_lora": 1,
-                 "evaluate": 2}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "module, required",
+    [
+        ("merge", {"merge_lora": 1, "evaluate": 1}),
+        ("xtuner_config", {"render_xtuner_config": 1, "train": 1, "merge_lora": 1, "evaluate": 1}),
+        (
+            "convert",
+            {
+                "convert_dataset": 1,
+                "validate_dataset": 1,
+                "render_xtuner_config": 1,
+                "train": 1,
+                "merge_lora": 1,
+                "evaluate": 2,
+            },
+        ),
+    ],
+)
 def test_an_edited_step_reruns_that_step_and_its_dependents(demo_run, module, required):
     path = demo_run / "src" / "vlmtune" / f"{module}.py"
     original = path.read_text()
@@ -203,10 +241,16 @@ def test_provenance_beside_the_merged_model_and_each_evaluation(demo_run):
     wf = demo_run
     merged = json.loads((wf / "results/merged/InternVL2-tiny-demo.provenance.json").read_text())
     manifest = json.loads((wf / "data/models/InternVL2-tiny/manifest.json").read_text())
-    assert merged["model"]["repo_id"] == manifest["repo_id"] and merged["model"]["revision"] == manifest["revision"]
+    assert (
+        merged["model"]["repo_id"] == manifest["repo_id"]
+        and merged["model"]["revision"] == manifest["revision"]
+    )
     assert merged["model"]["files"] == manifest["files"] and merged["model"]["files"]
     config = wf / "results/xtuner/demo/xtuner_config.py"
-    assert merged["xtuner_config"]["sha256"] == sha256(config) and merged["xtuner_config"]["text"] == config.read_text()
+    assert (
+        merged["xtuner_config"]["sha256"] == sha256(config)
+        and merged["xtuner_config"]["text"] == config.read_text()
+    )
     assert merged["seed"] == 0
     converted = wf / "results/converted/CLoT-Oogiri-GO-demo-cn"
     assert merged["converted"]["files"]["train.json"] == sha256(converted / "train.json")
@@ -219,7 +263,9 @@ def test_provenance_beside_the_merged_model_and_each_evaluation(demo_run):
     assert merged["environment"]["packages"]["transformers"] == "4.48.0"
     assert merged["project"] == {"commit": None, "dirty": None, "note": "not a git checkout"}  # the copy
     assert merged["started_at"] <= merged["finished_at"]
-    assert merged["merged_files"]["model.safetensors"] == sha256(wf / "results/merged/InternVL2-tiny-demo/model.safetensors")
+    assert merged["merged_files"]["model.safetensors"] == sha256(
+        wf / "results/merged/InternVL2-tiny-demo/model.safetensors"
+    )
     for variant in ["base", "finetuned"]:
         record = json.loads((wf / f"results/eval/demo/{variant}/provenance.json").read_text())
         assert record["variant"] == variant and record["engine"] == "transformers" and record["records"] > 0
@@ -259,8 +305,16 @@ def test_the_report_holds_loss_curve_evaluation_and_provenance(demo_run, tmp_pat
     run_snakemake(demo_run, *DEMO, "--report", str(html), env=offline)
     text = html.read_text()
     assert PLANTED_TOKEN not in text
-    for item in ["loss_curve.png", "InternVL2-tiny-demo.provenance.json", "predictions.jsonl", "metrics.json",
-                 "summary.png", "Provenance", "Training", "Evaluation"]:
+    for item in [
+        "loss_curve.png",
+        "InternVL2-tiny-demo.provenance.json",
+        "predictions.jsonl",
+        "metrics.json",
+        "summary.png",
+        "Provenance",
+        "Training",
+        "Evaluation",
+    ]:
         assert item in text, item
     run_snakemake(demo_run, *DEMO, "--report", str(archive), env=offline)
     names = zipfile.ZipFile(archive).namelist()
@@ -268,4 +322,6 @@ def test_the_report_holds_loss_curve_evaluation_and_provenance(demo_run, tmp_pat
     assert sum(n.endswith("provenance.json") for n in names) == 3, names  # merge + base + finetuned
     assert sum(n.endswith("predictions.jsonl") for n in names) == 2, names  # the evaluation
     # The evaluation summary: per-model metrics and the overview figure (evaluate.smk).
-    assert sum(n.endswith("/metrics.json") for n in names) == 2 and any(n.endswith("/summary.png") for n in names), names
+    assert sum(n.endswith("/metrics.json") for n in names) == 2 and any(
+        n.endswith("/summary.png") for n in names
+    ), names

@@ -31,9 +31,10 @@ def fake_system(tmp_path: Path, uid: int, installed: bool, sudo_ok: bool) -> dic
     fakes = {
         "id": f'[ "$1" = "-u" ] && echo {uid} || /usr/bin/id "$@"',
         "dpkg-query": "echo -n 'install ok installed'" if installed else "exit 1",
-        "sudo": '[ "$1" = "-n" ] && shift; ' + ('"$@"' if sudo_ok else "echo 'sudo: a password is required' >&2; exit 1"),
+        "sudo": '[ "$1" = "-n" ] && shift; '
+        + ('"$@"' if sudo_ok else "echo 'sudo: a password is required' >&2; exit 1"),
         "apt-get": f'echo "apt-get $*" >> {record}',
-    }  # fmt: skip
+    }
     for name, body in fakes.items():
         (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_ / name).chmod(0o755)
@@ -44,30 +45,54 @@ def make_test(env: dict, target: str = "test") -> subprocess.CompletedProcess:
     """`make test` in the checkout with pytest replaced by an echo (no recursion) and the venv
     taken as built (-o: not remade)."""
     venv = ROOT / ".venv" / ".installed"
-    return subprocess.run(["make", "-o", str(venv.relative_to(ROOT)), target, f"PYTEST=echo {PYTEST_MARK}"],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["make", "-o", str(venv.relative_to(ROOT)), target, f"PYTEST=echo {PYTEST_MARK}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def test_make_test_runs_the_install_step_first_and_ci_runs_make_test():
-    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test"], cwd=ROOT, capture_output=True, text=True, env=MAKE_ENV).stdout
+    dry = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "test"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=MAKE_ENV,
+    ).stdout
     lines = dry.splitlines()
     assert lines[0] == ".ci/install-system-packages", dry
     assert "pytest" in lines[-1] and len(lines) == 2, dry
-    fast = subprocess.run(["make", "-n", "-o", ".venv/.installed", "test-fast"], cwd=ROOT, capture_output=True, text=True, env=MAKE_ENV).stdout
+    fast = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "test-fast"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=MAKE_ENV,
+    ).stdout
     assert fast.splitlines()[0] == ".ci/install-system-packages", fast
     # CI runs the README's command and nothing else.
-    commands = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    commands = [
+        l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")
+    ]
     assert commands[-1] == "make test" and not any("install" in c for c in commands), commands
     assert "make test" in (ROOT / "README.md").read_text()
 
 
 def test_install_step_installs_exactly_the_ci_package_list(tmp_path):
-    listed = subprocess.run([ROOT / ".ci" / "install-system-packages", "--list"], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [ROOT / ".ci" / "install-system-packages", "--list"], capture_output=True, text=True, check=True
+    )
     assert listed.stdout.split() == apt_list()
     # What the tests use is in the list: Slurm and munge daemons, Chromium, the report's CJK font.
     from vlmtune import report
 
-    assert {"slurmctld", "slurmd", "slurm-client", "munge", "procps", "chromium", "fonts-noto-cjk"} <= set(apt_list())
+    assert {"slurmctld", "slurmd", "slurm-client", "munge", "procps", "chromium", "fonts-noto-cjk"} <= set(
+        apt_list()
+    )
     assert '"Noto Sans CJK SC"' in report.CSS
     # A machine with none of them, as root: make test installs them all, then runs the suite.
     proc = make_test(fake_system(tmp_path, uid=0, installed=False, sudo_ok=False))
@@ -112,7 +137,9 @@ def test_a_failed_step_shows_its_cause_on_the_console(tmp_path):
     assert "export HF_ENDPOINT=https://hf-mirror.com" in console and "model.source: local" in console
     assert PLANTED_TOKEN not in console
     # Without the workflow profile the console has only Snakemake's summary: the check can fail.
-    bare = run_snakemake(workdir, "-j1", "data/models/InternVL2-2B", "--workflow-profile", "none", check=False, env=env)
+    bare = run_snakemake(
+        workdir, "-j1", "data/models/InternVL2-2B", "--workflow-profile", "none", check=False, env=env
+    )
     assert bare.returncode != 0 and "hf-mirror.com" not in bare.stdout + bare.stderr
 
 
@@ -127,8 +154,11 @@ def dry_run_logs(workdir: Path, overlay: Path) -> dict[str, str]:
     out = run_snakemake(workdir, "-n", "--configfile", "config/demo.yaml", str(overlay)).stdout
     jobs = re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, flags=re.M)
     assert jobs and all("log: " in body for rule, body in jobs if rule != "all"), out  # every step has a log
-    return {rule + (re.search(r"wildcards: (.*)", body) or [None, ""])[1]: re.search(r"log: (\S+)", body).group(1)
-            for rule, body in jobs if rule != "all"}  # fmt: skip
+    return {
+        rule + (re.search(r"wildcards: (.*)", body) or [None, ""])[1]: re.search(r"log: (\S+)", body).group(1)
+        for rule, body in jobs
+        if rule != "all"
+    }
 
 
 def test_two_runs_keep_separate_logs(tmp_path):

@@ -38,16 +38,25 @@ def snakemake(workdir, *args, env=None, check=True):
     # Slurm jobs inherit this environment through sbatch --export=ALL)
     env = dict(env or os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, env=env
+    )
     if check and proc.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log"))) if (workdir / "logs").exists() else ""
+        logs = (
+            "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "logs").rglob("*.log")))
+            if (workdir / "logs").exists()
+            else ""
+        )
         raise AssertionError(proc.stdout[-6000:] + proc.stderr[-6000:] + logs)
     return proc
 
 
 def job_blocks(dry_run_output):
     """rule name -> its block in a dry run's listing."""
-    return {m.group(1): m.group(2) for m in re.finditer(r"^(?:local)?rule (\w+):\n(.*?)(?=\n\n|\Z)", dry_run_output, re.S | re.M)}
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^(?:local)?rule (\w+):\n(.*?)(?=\n\n|\Z)", dry_run_output, re.S | re.M)
+    }
 
 
 LOCAL_RULES = """
@@ -65,7 +74,9 @@ with SnakemakeApi(OutputSettings()) as api:
 def local_rules(workdir, *configfiles):
     """The workflow's `localrules` (a dry run prints every job as local, so ask the parsed
     workflow; Snakemake keeps them in Workflow._localrules)."""
-    proc = subprocess.run([sys.executable, "-c", LOCAL_RULES, *configfiles], cwd=workdir, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOCAL_RULES, *configfiles], cwd=workdir, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return set(proc.stdout.split())
 
@@ -115,7 +126,14 @@ def submission(res, threads):
 
     typed = {k: int(v) if v.isdigit() else v for k, v in res.items() if "<TBD>" not in v}
     job = SimpleNamespace(resources=SimpleNamespace(get=typed.get, **typed), threads=threads)
-    params = dict(run_uuid="uuid", slurm_logfile="log", comment_str="rule_train", account="", partition=" -p gpu", workdir="/w")
+    params = dict(
+        run_uuid="uuid",
+        slurm_logfile="log",
+        comment_str="rule_train",
+        account="",
+        partition=" -p gpu",
+        workdir="/w",
+    )
     return get_submit_command(job, params) + set_gres_string(job)
 
 
@@ -126,7 +144,15 @@ def test_two_node_training_submission(dry_copy, monkeypatch):
     tests/test_slurm_two_nodes.py runs this on a real two-node Slurm."""
     overlay = dry_copy / "config" / "two-nodes.yaml"
     overlay.write_text("train: {nodes: 2, gpus: 4, gpu_model: h100}\n")
-    out = snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my", "--configfile", str(overlay)).stdout
+    out = snakemake(
+        dry_copy,
+        "-n",
+        "--profile",
+        "profiles/slurm",
+        "results/merged/InternVL2-2B-my",
+        "--configfile",
+        str(overlay),
+    ).stdout
     train = job_blocks(out)["train"]
     res = resources(train)
     assert (res["nodes"], res["gres"], res["tasks"]) == ("2", "gpu:h100:4", "2")
@@ -141,11 +167,24 @@ def test_two_node_training_submission(dry_copy, monkeypatch):
     cpu = submission({**res, "gres": "", "cpus_per_task": "2"}, threads=2)
     assert "--nodes=2" in cpu and "--ntasks=2" in cpu and "--gres" not in cpu and "--gpus" not in cpu, cpu
     # one node keeps the job-wide request
-    one = resources(job_blocks(snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my").stdout)["train"])
+    one = resources(
+        job_blocks(
+            snakemake(dry_copy, "-n", "--profile", "profiles/slurm", "results/merged/InternVL2-2B-my").stdout
+        )["train"]
+    )
     assert "--gpus=4" in submission(one, threads=16) and "--gres" not in submission(one, threads=16)
-    plan = subprocess.run([sys.executable, "-c", "import json,sys; sys.path.insert(0,'src');"
-                           "from vlmtune.xtuner_config import world_size; print(world_size(json.loads(sys.argv[1])))",
-                           json.dumps({"device": "cuda", "gpus": 4, "nodes": 2})], cwd=dry_copy, capture_output=True, text=True)
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json,sys; sys.path.insert(0,'src');"
+            "from vlmtune.xtuner_config import world_size; print(world_size(json.loads(sys.argv[1])))",
+            json.dumps({"device": "cuda", "gpus": 4, "nodes": 2}),
+        ],
+        cwd=dry_copy,
+        capture_output=True,
+        text=True,
+    )
     assert plan.stdout.strip() == "8", plan.stderr  # the rendered plan counts 8 processes
 
     from vlmtune import train
@@ -157,20 +196,41 @@ def test_two_node_training_submission(dry_copy, monkeypatch):
     # names the step's one node); stand-ins for scontrol here.
     answers = {"job": "JobId=4242 JobName=x NodeList=gpu[01-02] NumNodes=2\n", "hostnames": "gpu01\ngpu02\n"}
     calls = []
-    monkeypatch.setattr(train.subprocess, "run", lambda cmd, **k: calls.append(cmd) or SimpleNamespace(stdout=answers[cmd[2]]))
+    monkeypatch.setattr(
+        train.subprocess, "run", lambda cmd, **k: calls.append(cmd) or SimpleNamespace(stdout=answers[cmd[2]])
+    )
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu01")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")
     srun, endpoint = train.slurm_launch(2)
     cmd = srun + train.command("cfg.py", "work", 4, "zero1", nnodes=2, rdzv_endpoint=endpoint)
     print("in the job:", " ".join(map(str, cmd)))
-    assert calls == [["scontrol", "show", "job", "-o", "4242"], ["scontrol", "show", "hostnames", "gpu[01-02]"]]
-    assert srun[:8] == ["srun", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=16",
-                        "--kill-on-bad-exit=1", "--label"]
+    assert calls == [
+        ["scontrol", "show", "job", "-o", "4242"],
+        ["scontrol", "show", "hostnames", "gpu[01-02]"],
+    ]
+    assert srun[:8] == [
+        "srun",
+        "--overlap",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=16",
+        "--kill-on-bad-exit=1",
+        "--label",
+    ]
     assert endpoint == "gpu01:29742" and "--nnodes=2" in cmd and "--nproc-per-node=4" in cmd  # port per job
     # srun inside the step must not take the step's one-node environment for the allocation
-    env = train.srun_env({"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu01", "SLURM_NNODES": "1",
-                          "SRUN_CPUS_PER_TASK": "16", "PATH": "/bin", "OMP_NUM_THREADS": "16"})
+    env = train.srun_env(
+        {
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "gpu01",
+            "SLURM_NNODES": "1",
+            "SRUN_CPUS_PER_TASK": "16",
+            "PATH": "/bin",
+            "OMP_NUM_THREADS": "16",
+        }
+    )
     assert env == {"SLURM_JOB_ID": "4242", "PATH": "/bin", "OMP_NUM_THREADS": "16"}
     answers["hostnames"] = "gpu01\n"
     with pytest.raises(SystemExit, match="holds 1 node"):
@@ -195,13 +255,17 @@ def slurm_overlay(workdir):
     set_resources.setdefault("merge_lora", {}).update(mem_mb=4000)  # the node has < 32 GB
     overlay = workdir / "slurm-test-profile"
     overlay.mkdir()
-    (overlay / "config.yaml").write_text(yaml.safe_dump({
-        "set-resources": set_resources,
-        # no slurmdbd here: squeue answers status queries while MinJobAge keeps jobs listed
-        "slurm-status-command": "squeue",
-        "slurm-init-seconds-before-status-checks": 2,
-        "latency-wait": 5,
-    }))  # fmt: skip
+    (overlay / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "set-resources": set_resources,
+                # no slurmdbd here: squeue answers status queries while MinJobAge keeps jobs listed
+                "slurm-status-command": "squeue",
+                "slurm-init-seconds-before-status-checks": 2,
+                "latency-wait": 5,
+            }
+        )
+    )
     return overlay
 
 
@@ -243,13 +307,34 @@ def preempt_training(workdir, args, env, timeout=900):
     out = workdir / "preempt.log"
     with out.open("w") as fh:
         env = dict(env, PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
-        proc = subprocess.Popen([sys.executable, "-m", "snakemake", *args, "--configfile", "config/demo.yaml",
-                                 "--forcerun", "train", "--", "results/train/demo/train_result.json"],
-                                cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        marker, cancelled, deadline = workdir / "results/train/demo/work_dir/last_checkpoint", None, time.time() + timeout
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                *args,
+                "--configfile",
+                "config/demo.yaml",
+                "--forcerun",
+                "train",
+                "--",
+                "results/train/demo/train_result.json",
+            ],
+            cwd=workdir,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        marker, cancelled, deadline = (
+            workdir / "results/train/demo/work_dir/last_checkpoint",
+            None,
+            time.time() + timeout,
+        )
         while proc.poll() is None and time.time() < deadline:
             if cancelled is None and marker.exists():
-                queue = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True).stdout
+                queue = subprocess.run(
+                    ["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True, text=True
+                ).stdout
                 running_train = [line.split()[0] for line in queue.splitlines() if "rule_train" in line]
                 if running_train:
                     cancelled = running_train[0]
@@ -259,8 +344,13 @@ def preempt_training(workdir, args, env, timeout=900):
             proc.kill()
     log = out.read_text()
     ids = re.findall(r"SLURM jobid (\d+)", log)
-    return dict(returncode=proc.wait(), log=log, cancelled=cancelled, train_jobs=ids,
-                result=json.loads((workdir / "results/train/demo/train_result.json").read_text()))  # fmt: skip
+    return dict(
+        returncode=proc.wait(),
+        log=log,
+        cancelled=cancelled,
+        train_jobs=ids,
+        result=json.loads((workdir / "results/train/demo/train_result.json").read_text()),
+    )
 
 
 def report_timeline(jobs):
@@ -268,7 +358,9 @@ def report_timeline(jobs):
     the gaps between one job's end and the next one's submission are status polling)."""
     rows = []
     for job_id, text in sorted(jobs.items(), key=lambda kv: int(kv[0])):
-        t = {k: datetime.fromisoformat(v) for k, v in re.findall(r"(SubmitTime|StartTime|EndTime)=(\S+)", text)}
+        t = {
+            k: datetime.fromisoformat(v) for k, v in re.findall(r"(SubmitTime|StartTime|EndTime)=(\S+)", text)
+        }
         rule = re.search(r"Comment=rule_(\w+?)(_wildcards|\s)", text)
         rows.append((job_id, rule.group(1) if rule else "?", t))
     first = min(t["SubmitTime"] for _, _, t in rows)
@@ -317,17 +409,28 @@ def test_demo_on_slurm_equals_a_local_run(tmp_path):
     conv = "results/converted/CLoT-Oogiri-GO-demo-cn"
     for name in ["train.json", "eval.jsonl"]:
         assert digest(local / conv / name) == digest(on_slurm / conv / name), name
-    results = [json.loads((w / "results/train/demo/train_result.json").read_text()) for w in (local, on_slurm)]
+    results = [
+        json.loads((w / "results/train/demo/train_result.json").read_text()) for w in (local, on_slurm)
+    ]
     assert results[0]["iteration"] == results[1]["iteration"] > 0
     from safetensors.torch import load_file
 
-    merged = [load_file(str(w / "results/merged/InternVL2-tiny-demo/model.safetensors")) for w in (local, on_slurm)]
+    merged = [
+        load_file(str(w / "results/merged/InternVL2-tiny-demo/model.safetensors")) for w in (local, on_slurm)
+    ]
     assert merged[0].keys() == merged[1].keys()
     for name in merged[0]:
-        assert (merged[0][name] == merged[1][name]).all(), f"{name} differs between the local and the Slurm run"
+        assert (merged[0][name] == merged[1][name]).all(), (
+            f"{name} differs between the local and the Slurm run"
+        )
     for variant in ["base", "finetuned"]:
-        rows = [[json.loads(l) for l in (w / f"results/eval/demo/{variant}/predictions.jsonl").open()] for w in (local, on_slurm)]
-        assert [(r["id"], r["prediction"]) for r in rows[0]] == [(r["id"], r["prediction"]) for r in rows[1]] and rows[0]
+        rows = [
+            [json.loads(l) for l in (w / f"results/eval/demo/{variant}/predictions.jsonl").open()]
+            for w in (local, on_slurm)
+        ]
+        assert [(r["id"], r["prediction"]) for r in rows[0]] == [
+            (r["id"], r["prediction"]) for r in rows[1]
+        ] and rows[0]
 
     # a training job cancelled after its first checkpoint is resubmitted (retries) and resumes
     cancelled, train_jobs = preempted["cancelled"], preempted["train_jobs"]
@@ -337,4 +440,7 @@ def test_demo_on_slurm_equals_a_local_run(tmp_path):
     resumed = preempted["result"]
     assert re.search(r"iter_\d+\.pth$", resumed["resumed_from"] or ""), resumed
     assert resumed["iteration"] == results[0]["iteration"]
-    print(f"preempted: job {cancelled} cancelled, job {train_jobs[-1]} resumed from {Path(resumed['resumed_from']).name}")
+    print(
+        f"preempted: job {cancelled} cancelled, job {train_jobs[-1]} resumed from "
+        f"{Path(resumed['resumed_from']).name}"
+    )

@@ -28,8 +28,14 @@ DEMO = "config/demo.yaml"
 # One CPU per process: both runs' 2 processes get a core each of this 2-core machine, and the
 # same thread count, which the bitwise comparison needs (FIELD-NOTES: the CPU run is
 # deterministic for a fixed seed and thread count).
-COMMON = {"batch_size": 1, "max_epochs": 2, "save_steps": 3, "save_total_limit": -1, "cpus_per_task": 1,
-          "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+COMMON = {
+    "batch_size": 1,
+    "max_epochs": 2,
+    "save_steps": 3,
+    "save_total_limit": -1,
+    "cpus_per_task": 1,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+}
 TWO_NODES = {**COMMON, "nodes": 2, "cpu_processes": 1}
 ONE_NODE = {**COMMON, "nodes": 1, "cpu_processes": 2}
 TRAIN = "results/train/demo"
@@ -47,12 +53,16 @@ def slurm_profile(workdir):
     profile = yaml.safe_load((workdir / "profiles/slurm/config.yaml").read_text())
     folder = workdir / "two-node-profile"
     folder.mkdir()
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "set-resources": profile.get("set-resources", {}),
-        "slurm-status-command": "squeue",  # no slurmdbd
-        "slurm-init-seconds-before-status-checks": 2,
-        "latency-wait": 5,
-    }))  # fmt: skip
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "set-resources": profile.get("set-resources", {}),
+                "slurm-status-command": "squeue",  # no slurmdbd
+                "slurm-init-seconds-before-status-checks": 2,
+                "latency-wait": 5,
+            }
+        )
+    )
     return str(folder)
 
 
@@ -71,7 +81,9 @@ def nodes_and_ranks(log):
     """From a two-node attempt's log (srun --label): srun task -> the host it announced, and
     task -> the global ranks and world size its torchrun agent got at the rendezvous."""
     hosts = dict(re.findall(r"^(\d+): \[vlmtune\.train\] node (\S+) ", log, re.M))
-    ranks = {task: json.loads(r) for task, r in re.findall(r"^(\d+): .*\]\s+global_ranks=(\[[\d, ]*\])", log, re.M)}
+    ranks = {
+        task: json.loads(r) for task, r in re.findall(r"^(\d+): .*\]\s+global_ranks=(\[[\d, ]*\])", log, re.M)
+    }
     worlds = set(re.findall(r"^\d+: .*\]\s+group_world_size=(\d+)", log, re.M))
     return hosts, ranks, worlds
 
@@ -81,9 +93,27 @@ def run_two_node_training(workdir, cluster, config, timeout=600):
     cancelled once it has saved a checkpoint. Returns Snakemake's log, the cancelled job id,
     the first attempt's training log (copied before the retry overwrites it) and the
     `scontrol show job` of every training job, read while the cluster is still up."""
-    env = dict(os.environ, SLURM_PARTITION=cluster.partition, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = cluster.client([sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--workflow-profile",
-                          slurm_profile(workdir), "--configfile", DEMO, config, "--", f"{TRAIN}/train_result.json"])  # fmt: skip
+    env = dict(
+        os.environ,
+        SLURM_PARTITION=cluster.partition,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
+    cmd = cluster.client(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--profile",
+            "profiles/slurm",
+            "--workflow-profile",
+            slurm_profile(workdir),
+            "--configfile",
+            DEMO,
+            config,
+            "--",
+            f"{TRAIN}/train_result.json",
+        ]
+    )
     out = workdir / "snakemake-slurm.log"
     marker = workdir / TRAIN / "work_dir" / "last_checkpoint"
     cancelled, first_log, deadline = None, "", time.time() + timeout
@@ -92,7 +122,11 @@ def run_two_node_training(workdir, cluster, config, timeout=600):
         try:
             while proc.poll() is None and time.time() < deadline:
                 if cancelled is None and marker.exists():
-                    queue = subprocess.run(cluster.client(["squeue", "-h", "-t", "R", "-o", "%i %k"]), capture_output=True, text=True).stdout
+                    queue = subprocess.run(
+                        cluster.client(["squeue", "-h", "-t", "R", "-o", "%i %k"]),
+                        capture_output=True,
+                        text=True,
+                    ).stdout
                     jobs = [line.split()[0] for line in queue.splitlines() if "rule_train" in line]
                     if jobs:
                         subprocess.run(cluster.client(["scancel", jobs[0]]), check=True)
@@ -106,7 +140,12 @@ def run_two_node_training(workdir, cluster, config, timeout=600):
     log = out.read_text()
     assert proc.wait() == 0, log[-6000:] + cluster.logs()
     ids = re.findall(r"SLURM jobid (\d+)", log)
-    records = {i: subprocess.run(cluster.client(["scontrol", "show", "job", i]), capture_output=True, text=True).stdout for i in ids}
+    records = {
+        i: subprocess.run(
+            cluster.client(["scontrol", "show", "job", i]), capture_output=True, text=True
+        ).stdout
+        for i in ids
+    }
     return log, cancelled, first_log, records
 
 
@@ -114,21 +153,44 @@ def gpu_spread_check(workdir, cluster):
     """The sbatch line the plugin builds for a 2-node GPU training job (one fake GPU per node),
     submitted to the cluster with a script that starts the step as the executor does and then
     vlmtune.train's per-node srun: each node's process must see its own node's GPU."""
-    path = overlay(workdir, "gpu-two-nodes", {"nodes": 2, "gpus": 1, "gpu_model": cluster.gpu_model, "mem_mb": 1000, "cpus_per_task": 1})
-    out = snakemake(workdir, "-n", "--profile", "profiles/slurm", "--configfile", path, "--", "results/merged/InternVL2-2B-my").stdout
+    path = overlay(
+        workdir,
+        "gpu-two-nodes",
+        {"nodes": 2, "gpus": 1, "gpu_model": cluster.gpu_model, "mem_mb": 1000, "cpus_per_task": 1},
+    )
+    out = snakemake(
+        workdir,
+        "-n",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        path,
+        "--",
+        "results/merged/InternVL2-2B-my",
+    ).stdout
     res = resources(job_blocks(out)["train"])
     sbatch = submission(res, threads=1)
-    assert "--nodes=2" in sbatch and f"--gres=gpu:{cluster.gpu_model}:1" in sbatch and "--gpus=" not in sbatch, sbatch
-    inner = ("import os, subprocess\n"
-             "from vlmtune.train import slurm_launch, srun_env\n"
-             "srun, endpoint = slurm_launch(2)\n"
-             "print('rendezvous', endpoint, flush=True)\n"
-             "subprocess.run(srun + ['sh', '-c', 'echo gpus=$CUDA_VISIBLE_DEVICES'], env=srun_env(dict(os.environ)), check=True)\n")  # fmt: skip
+    assert (
+        "--nodes=2" in sbatch and f"--gres=gpu:{cluster.gpu_model}:1" in sbatch and "--gpus=" not in sbatch
+    ), sbatch
+    inner = (
+        "import os, subprocess\n"
+        "from vlmtune.train import slurm_launch, srun_env\n"
+        "srun, endpoint = slurm_launch(2)\n"
+        "print('rendezvous', endpoint, flush=True)\n"
+        "subprocess.run(srun + ['sh', '-c', 'echo gpus=$CUDA_VISIBLE_DEVICES'], "
+        "env=srun_env(dict(os.environ)), check=True)\n"
+    )
     # as the executor's jobstep: srun -n1 with the job's identity only
-    step = (f"from vlmtune.train import srun_env; import os, subprocess, sys; sys.exit(subprocess.run("
-            f"['srun', '-n1', '--nodes=2', sys.executable, '-c', {inner!r}], env=srun_env(dict(os.environ))).returncode)")  # fmt: skip
+    step = (
+        f"from vlmtune.train import srun_env; import os, subprocess, sys; sys.exit(subprocess.run("
+        f"['srun', '-n1', '--nodes=2', sys.executable, '-c', {inner!r}], "
+        "env=srun_env(dict(os.environ))).returncode)"
+    )
     script = workdir / "gpu-spread.sh"
-    script.write_text(f"#!/bin/sh\nexport PYTHONPATH={ROOT / 'src'}\nexec {sys.executable} -c {shlex.quote(step)}\n")
+    script.write_text(
+        f"#!/bin/sh\nexport PYTHONPATH={ROOT / 'src'}\nexec {sys.executable} -c {shlex.quote(step)}\n"
+    )
     log = workdir / "gpu-spread.out"
     args = shlex.split(sbatch)
     args = [a for a in args if a != "--parsable"]
@@ -136,7 +198,9 @@ def gpu_spread_check(workdir, cluster):
     args[args.index("-p") + 1] = cluster.partition
     args[args.index("--output") + 1] = str(log)
     args[args.index("-D") + 1] = str(workdir)
-    proc = subprocess.run(cluster.client([*args, "--wait", str(script)]), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cluster.client([*args, "--wait", str(script)]), capture_output=True, text=True, timeout=120
+    )
     text = log.read_text() if log.exists() else ""
     assert proc.returncode == 0, proc.stdout + proc.stderr + text + cluster.logs()
     return text
@@ -151,7 +215,9 @@ def test_two_node_training_resumes_and_equals_a_one_node_run(tmp_path):
     cluster = TwoNodeSlurm(tmp_path / "cluster", gpus=1)
     with ThreadPoolExecutor(1) as pool:
         # the one-node reference (2 gloo processes, 1 thread each) runs alongside
-        reference = pool.submit(snakemake, one, "-j2", "--configfile", DEMO, one_cfg, "--", f"{TRAIN}/train_result.json")
+        reference = pool.submit(
+            snakemake, one, "-j2", "--configfile", DEMO, one_cfg, "--", f"{TRAIN}/train_result.json"
+        )
         # the training's inputs are made here; the cluster gets the training job alone
         snakemake(two, "-j1", "--configfile", DEMO, two_cfg, "--", "results/xtuner/demo/plan.json")
         try:
@@ -172,7 +238,11 @@ def test_two_node_training_resumes_and_equals_a_one_node_run(tmp_path):
     assert cancelled and len(jobs) == 2 and jobs[0] == cancelled, log[-4000:]
     assert "JobState=CANCELLED" in records[jobs[0]] and "JobState=COMPLETED" in records[jobs[1]], records
     for record in records.values():
-        assert "NumNodes=2 " in record and " NodeList=vn[1-2]" in record and f"Partition={cluster.partition}" in record, record
+        assert (
+            "NumNodes=2 " in record
+            and " NodeList=vn[1-2]" in record
+            and f"Partition={cluster.partition}" in record
+        ), record
 
     # both attempts: one torchrun per node, on two hosts, ranks 0 and 1 in one world of 2
     second_log = train_log(two).read_text()
@@ -202,8 +272,11 @@ def test_two_node_training_resumes_and_equals_a_one_node_run(tmp_path):
     assert (result["nodes"], ref["nodes"], result["global_batch_size"]) == (2, 1, 2)
     import torch
 
-    shared = sorted({p.name for p in (two / TRAIN / "work_dir").glob("iter_*.pth")} & {p.name for p in (one / TRAIN / "work_dir").glob("iter_*.pth")},
-                    key=lambda n: int(n[5:-4]))  # fmt: skip
+    shared = sorted(
+        {p.name for p in (two / TRAIN / "work_dir").glob("iter_*.pth")}
+        & {p.name for p in (one / TRAIN / "work_dir").glob("iter_*.pth")},
+        key=lambda n: int(n[5:-4]),
+    )
     assert resumed.name in shared and f"iter_{result['iteration']}.pth" in shared, shared
     worst = 0.0
     for name in shared:
@@ -229,8 +302,11 @@ def test_two_node_cluster_tears_down_on_failure(tmp_path):
     job = None
     with pytest.raises(RuntimeError, match="test failed"):
         with cluster:
-            job = subprocess.Popen(cluster.client(["srun", "--nodes=2", "--ntasks-per-node=1", "sleep", "600"]),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+            job = subprocess.Popen(
+                cluster.client(["srun", "--nodes=2", "--ntasks-per-node=1", "sleep", "600"]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             deadline = time.time() + 30
             while time.time() < deadline and any(len(pids) < 3 for pids in cluster.namespace_pids().values()):
                 time.sleep(0.2)  # the step's slurmstepd and sleep on each node
@@ -243,4 +319,7 @@ def test_two_node_cluster_tears_down_on_failure(tmp_path):
     assert not any(ns in listed for ns in cluster.netns), listed
     for pid in (pid for pids in busy.values() for pid in pids):  # gone, or a zombie awaiting its reaper
         stat = Path(f"/proc/{pid}/stat")
-        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", (pid, stat.read_text())
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", (
+            pid,
+            stat.read_text(),
+        )

@@ -37,16 +37,31 @@ def xtuner_batch(tiny_model, demo_dataset, tmp_path_factory, process_group):
 
     images = sorted(p.name for p in (demo_dataset / "images").glob("*.jpg"))[:3]
     answers = ["今天的天气真不错啊", "猫说它不想上班", "这张图告诉我们要多喝水,少熬夜,早点睡觉"]
-    records = [dict(id=i, image=f"images/{name}", conversations=[
-        {"from": "human", "value": "<image>\n请你根据这张图片,讲一个脑洞大开的梗。"}, {"from": "gpt", "value": a}])
-        for i, (name, a) in enumerate(zip(images, answers))]  # fmt: skip
+    records = [
+        dict(
+            id=i,
+            image=f"images/{name}",
+            conversations=[
+                {"from": "human", "value": "<image>\n请你根据这张图片,讲一个脑洞大开的梗。"},
+                {"from": "gpt", "value": a},
+            ],
+        )
+        for i, (name, a) in enumerate(zip(images, answers))
+    ]
     tmp = tmp_path_factory.mktemp("speed")
     (tmp / "train.json").write_text(json.dumps(records, ensure_ascii=False))
-    dataset = InternVL_V1_5_Dataset(str(tiny_model), PROMPT_TEMPLATE.internlm2_chat, [str(tmp / "train.json")],
-                                    [str(demo_dataset)], max_length=100000)  # fmt: skip
+    dataset = InternVL_V1_5_Dataset(
+        str(tiny_model),
+        PROMPT_TEMPLATE.internlm2_chat,
+        [str(tmp / "train.json")],
+        [str(demo_dataset)],
+        max_length=100000,
+    )
     batch = default_collate_fn([dataset[i] for i in range(len(records))])["data"]
     torch.manual_seed(0)
-    lora = dict(type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=None, task_type="CAUSAL_LM")
+    lora = dict(
+        type=LoraConfig, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=None, task_type="CAUSAL_LM"
+    )
     model = InternVL_V1_5(str(tiny_model), freeze_llm=True, freeze_visual_encoder=True, llm_lora=lora).float()
     model.gradient_checkpointing_disable()
     # non-zero LoRA B so the adapters (and their gradients) take part in the comparison
@@ -93,7 +108,9 @@ def test_label_only_head_same_loss_and_gradients(xtuner_batch):
         model.vlmtune_label_only_head = False
     assert seen == [(labelled, lm.config.vocab_size)]  # the head ran on the labelled rows only
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (float(loss), float(ref_loss))
-    assert set(grads) == set(ref_grads) and any("lora" in n for n in grads) and any("mlp1" in n for n in grads)
+    assert (
+        set(grads) == set(ref_grads) and any("lora" in n for n in grads) and any("mlp1" in n for n in grads)
+    )
     for name, g in grads.items():
         assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-7), name
     # switched off again: the original path (full logits) and the same loss
@@ -118,7 +135,9 @@ def test_label_only_head_leaves_other_callers_alone(xtuner_batch):
 def test_fused_norm_arithmetic_equals_modules(tiny_model):
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(tiny_model), torch_dtype=torch.float32, trust_remote_code=True).eval()
+    model = AutoModel.from_pretrained(
+        str(tiny_model), torch_dtype=torch.float32, trust_remote_code=True
+    ).eval()
     layer = model.language_model.model.layers[0]
     torch.manual_seed(0)
     x = torch.randn(2, 7, model.config.llm_config.hidden_size)
@@ -127,7 +146,9 @@ def test_fused_norm_arithmetic_equals_modules(tiny_model):
         ref_norm, ref_mlp = layer.attention_norm(x), layer.feed_forward(x)
         ref_bf16 = layer.attention_norm(x.bfloat16().float().bfloat16())
         done = speed.apply_fused_norm(model, compile=False)
-        assert done["rms_norm"] == 2 * len(model.language_model.model.layers) + 1 and done["swiglu"] == len(model.language_model.model.layers)
+        assert done["rms_norm"] == 2 * len(model.language_model.model.layers) + 1 and done["swiglu"] == len(
+            model.language_model.model.layers
+        )
         assert torch.equal(layer.attention_norm(x), ref_norm)
         assert torch.equal(layer.feed_forward(x), ref_mlp)
         assert torch.equal(layer.attention_norm(x.bfloat16().float().bfloat16()), ref_bf16)
@@ -135,8 +156,11 @@ def test_fused_norm_arithmetic_equals_modules(tiny_model):
 
 def test_4bit_compute_dtype():
     bnb = pytest.importorskip("bitsandbytes")
-    model = torch.nn.Sequential(bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float16), torch.nn.Linear(16, 16),
-                                bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float16))  # fmt: skip
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float16),
+        torch.nn.Linear(16, 16),
+        bnb.nn.Linear4bit(16, 8, compute_dtype=torch.float16),
+    )
     assert speed.set_4bit_compute_dtype(model, "bfloat16") == 2
     assert model[0].compute_dtype == torch.bfloat16 and model[2].compute_dtype == torch.bfloat16
     assert model[0].compute_type_is_set
@@ -150,8 +174,14 @@ def test_kernel_categories():
     assert c("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "GEMM"
     assert c("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
     assert c("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "4-bit dequantize"
-    assert c("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>") == "casts/copies"
-    assert c("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert (
+        c("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>")
+        == "casts/copies"
+    )
+    assert (
+        c("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>")
+        == "optimizer"
+    )
     assert c("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>") == "element-wise"
 
 
@@ -160,17 +190,39 @@ def test_new_keys_render(tiny_model, tmp_path):
     from vlmtune.xtuner_main import launcher_settings
 
     (tmp_path / "train.json").write_text(json.dumps([dict(id=i) for i in range(40)]))
-    train = dict(device="cpu", gpus=0, method="lora", max_length=512, batch_size=2, accumulative_counts=1,
-                 max_epochs=1, lr=1e-4, warmup_ratio=0.2, seed=0)  # fmt: skip
+    train = dict(
+        device="cpu",
+        gpus=0,
+        method="lora",
+        max_length=512,
+        batch_size=2,
+        accumulative_counts=1,
+        max_epochs=1,
+        lr=1e-4,
+        warmup_ratio=0.2,
+        seed=0,
+    )
     text, _ = render(tiny_model, tmp_path / "train.json", tmp_path, train)
     (tmp_path / "stock.py").write_text(text)
     stock = launcher_settings(str(tmp_path / "stock.py"))
-    assert stock["label_only_head"] is False and stock["qlora_compute_dtype"] == "float16" and stock["fused_norm"] is False
-    text, _ = render(tiny_model, tmp_path / "train.json", tmp_path,
-                     dict(train, label_only_head=True, qlora_compute_dtype="bfloat16", fused_norm=True))  # fmt: skip
+    assert (
+        stock["label_only_head"] is False
+        and stock["qlora_compute_dtype"] == "float16"
+        and stock["fused_norm"] is False
+    )
+    text, _ = render(
+        tiny_model,
+        tmp_path / "train.json",
+        tmp_path,
+        dict(train, label_only_head=True, qlora_compute_dtype="bfloat16", fused_norm=True),
+    )
     (tmp_path / "fast.py").write_text(text)
     fast = launcher_settings(str(tmp_path / "fast.py"))
-    assert fast["label_only_head"] is True and fast["qlora_compute_dtype"] == "bfloat16" and fast["fused_norm"] is True
+    assert (
+        fast["label_only_head"] is True
+        and fast["qlora_compute_dtype"] == "bfloat16"
+        and fast["fused_norm"] is True
+    )
 
 
 def test_schema_and_overlay_accept_the_keys():

@@ -48,9 +48,23 @@ def training_setup(tiny_model, demo_dataset, configs, tmp_path_factory):
 
 
 def train_cmd(root, name):
-    return [sys.executable, "-m", "vlmtune.train", "--config", str(root / "cfg.py"), "--plan", str(root / "plan.json"),
-            "--work-dir", str(root / name), "--result", str(root / f"{name}.json"),
-            "--summary", str(root / f"{name}.summary.json"), "--curves", str(root / f"{name}.png")]
+    return [
+        sys.executable,
+        "-m",
+        "vlmtune.train",
+        "--config",
+        str(root / "cfg.py"),
+        "--plan",
+        str(root / "plan.json"),
+        "--work-dir",
+        str(root / name),
+        "--result",
+        str(root / f"{name}.json"),
+        "--summary",
+        str(root / f"{name}.summary.json"),
+        "--curves",
+        str(root / f"{name}.png"),
+    ]
 
 
 def lr_by_step(work_dir):
@@ -67,8 +81,12 @@ def test_killed_training_resumes_from_its_checkpoint(training_setup):
     assert straight["iteration"] == plan["iterations"] == 18 and straight["resumed_from"] is None
 
     # Start, wait for the first checkpoint, kill the whole process group (as a preemption would).
-    proc = subprocess.Popen(train_cmd(root, "killed"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(root, "killed"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = root / "killed" / "last_checkpoint"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
@@ -87,7 +105,11 @@ def test_killed_training_resumes_from_its_checkpoint(training_setup):
     assert resumed["iteration"] == straight["iteration"]
     # The resumed attempt's log starts right after the checkpoint, on the same LR schedule.
     runs = sorted(p for p in (root / "killed").iterdir() if p.is_dir() and (p / "vis_data").exists())
-    second = [json.loads(l) for l in (runs[-1] / "vis_data" / "scalars.json").read_text().splitlines() if '"loss"' in l]
+    second = [
+        json.loads(l)
+        for l in (runs[-1] / "vis_data" / "scalars.json").read_text().splitlines()
+        if '"loss"' in l
+    ]
     assert second[0]["step"] == first_ckpt + 1
     reference = lr_by_step(root / "straight")
     for row in second:
@@ -97,25 +119,49 @@ def test_killed_training_resumes_from_its_checkpoint(training_setup):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(training_setup, tiny_model, demo_dataset, configs):
+def test_two_process_gloo_run_matches_one_process_at_the_same_global_batch(
+    training_setup, tiny_model, demo_dataset, configs
+):
     """Two CPU processes (gloo, torchrun) and one process with the same global_batch_size take
     the same optimizer steps over the same samples. XTuner counts micro-batch iterations, so
     the single process, accumulating twice as many micro-batches, logs twice the iterations."""
     root, _ = training_setup
     results = {}
     for nproc in (1, 2):
-        settings = deep_merge(configs[1]["train"], {"cpu_processes": nproc, "global_batch_size": 4, "batch_size": 2,
-                                                    "save_steps": 100, "warmup_ratio": 0.3})
+        settings = deep_merge(
+            configs[1]["train"],
+            {
+                "cpu_processes": nproc,
+                "global_batch_size": 4,
+                "batch_size": 2,
+                "save_steps": 100,
+                "warmup_ratio": 0.3,
+            },
+        )
         text, plan = render(tiny_model, root / "train.json", demo_dataset, settings)
         name = f"procs{nproc}"
         (root / f"{name}.py").write_text(text)
         (root / f"{name}.plan.json").write_text(json.dumps(plan))
-        cmd = [sys.executable, "-m", "vlmtune.train", "--config", str(root / f"{name}.py"),
-               "--plan", str(root / f"{name}.plan.json"), "--work-dir", str(root / name),
-               "--result", str(root / f"{name}.json"), "--cpu-processes", str(nproc)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vlmtune.train",
+            "--config",
+            str(root / f"{name}.py"),
+            "--plan",
+            str(root / f"{name}.plan.json"),
+            "--work-dir",
+            str(root / name),
+            "--result",
+            str(root / f"{name}.json"),
+            "--cpu-processes",
+            str(nproc),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert f"{nproc} process(es) x batch 2 x accumulation {4 // (2 * nproc)} = global batch 4" in out.stdout
+        assert (
+            f"{nproc} process(es) x batch 2 x accumulation {4 // (2 * nproc)} = global batch 4" in out.stdout
+        )
         # mmengine's run log records the process group it trained in (two gloo workers for 2).
         run_log = next((root / name).glob("*/*.log")).read_text()
         assert "Distributed training: True" in run_log and f"GPU number: {nproc}" in run_log

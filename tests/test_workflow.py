@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import copy_workflow, run_snakemake as snakemake
+from conftest import copy_workflow
+from conftest import run_snakemake as snakemake
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,14 @@ def workflow_copy(tmp_path_factory):
 
 def test_default_config_dry_run_lists_the_tutorial_chain(workflow_copy):
     out = snakemake(workflow_copy, "-n", "results/merged/InternVL2-2B-my").stdout
-    for rule in ["fetch_model", "fetch_dataset", "convert_dataset", "render_xtuner_config", "train", "merge_lora"]:
+    for rule in [
+        "fetch_model",
+        "fetch_dataset",
+        "convert_dataset",
+        "render_xtuner_config",
+        "train",
+        "merge_lora",
+    ]:
         assert f"rule {rule}:" in out or f"localrule {rule}:" in out, rule
     train_block = out.split("rule train:")[1].split("\n\n")[0]
     assert "gpu=4" in train_block
@@ -27,7 +35,9 @@ def test_default_config_dry_run_lists_the_tutorial_chain(workflow_copy):
 def test_demo_end_to_end(demo_run):
     workflow_copy = demo_run
     merged = workflow_copy / "results" / "merged" / "InternVL2-tiny-demo"
-    report = json.loads((workflow_copy / "results" / "merged" / "InternVL2-tiny-demo.merge_report.json").read_text())
+    report = json.loads(
+        (workflow_copy / "results" / "merged" / "InternVL2-tiny-demo.merge_report.json").read_text()
+    )
     assert report["ok"] and report["lora_merged"] == 11 and report["changed"] > 0
 
     from safetensors.torch import load_file
@@ -37,16 +47,29 @@ def test_demo_end_to_end(demo_run):
     assert type(model).__name__ == "InternVLChatModel"
     base = load_file(str(workflow_copy / "data" / "models" / "InternVL2-tiny" / "model.safetensors"))
     state = model.state_dict()
-    for name in ["language_model.model.layers.0.attention.wqkv.weight", "language_model.output.weight", "mlp1.1.weight"]:
+    for name in [
+        "language_model.model.layers.0.attention.wqkv.weight",
+        "language_model.output.weight",
+        "mlp1.1.weight",
+    ]:
         assert not torch.equal(base[name], state[name]), name
-    assert torch.equal(base["vision_model.embeddings.patch_embedding.weight"], state["vision_model.embeddings.patch_embedding.weight"])
+    assert torch.equal(
+        base["vision_model.embeddings.patch_embedding.weight"],
+        state["vision_model.embeddings.patch_embedding.weight"],
+    )
 
-    evals = [json.loads(l) for l in (workflow_copy / "results/converted/CLoT-Oogiri-GO-demo-cn/eval.jsonl").open()]
+    evals = [
+        json.loads(l) for l in (workflow_copy / "results/converted/CLoT-Oogiri-GO-demo-cn/eval.jsonl").open()
+    ]
     for variant in ["base", "finetuned"]:
-        rows = [json.loads(l) for l in (workflow_copy / f"results/eval/demo/{variant}/predictions.jsonl").open()]
+        rows = [
+            json.loads(l) for l in (workflow_copy / f"results/eval/demo/{variant}/predictions.jsonl").open()
+        ]
         assert [r["id"] for r in rows] == [e["id"] for e in evals] and rows
         assert all(r["engine"] == "transformers" and r["completion_tokens"] >= 0 for r in rows)
-        assert rows[0]["prompt"].startswith("<|im_start|>system\nYou are an AI assistant whose name is InternLM")
+        assert rows[0]["prompt"].startswith(
+            "<|im_start|>system\nYou are an AI assistant whose name is InternLM"
+        )
 
     again = snakemake(workflow_copy, "-j2", "--configfile", "config/demo.yaml")
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -55,7 +78,7 @@ def test_demo_end_to_end(demo_run):
 @pytest.mark.slow
 def test_merge_check_catches_a_mismatched_checkpoint(demo_run):
     """A checkpoint whose names drifted loads as a silent no-op under strict=False: caught."""
-    from vlmtune.merge import MergeCheckError, load_checkpoint, check
+    from vlmtune.merge import MergeCheckError, check, load_checkpoint
 
     workflow_copy = demo_run
     train_result = workflow_copy / "results/train/demo/train_result.json"

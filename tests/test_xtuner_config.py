@@ -26,7 +26,9 @@ TUTORIAL = {"method": "qlora", "batch_size": 8, "accumulative_counts": 2, "globa
 
 
 def test_four_gpu_qlora_config(configs, train_json, tmp_path):
-    text, plan = render(tmp_path / "InternVL2-2B", train_json, tmp_path / "ds", deep_merge(configs[0]["train"], TUTORIAL))
+    text, plan = render(
+        tmp_path / "InternVL2-2B", train_json, tmp_path / "ds", deep_merge(configs[0]["train"], TUTORIAL)
+    )
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True
     assert cfg.model.llm_lora.r == 128 and cfg.model.llm_lora.lora_alpha == 256
@@ -68,9 +70,17 @@ def test_short_warmup_is_refused(configs, tmp_path):
         render(tmp_path / "m", path, tmp_path / "ds", train)
 
 
-LEVERS = {"attention": "sdpa", "gradient_checkpointing": False, "group_by_exact_length": True,
-          "cuda_expandable_segments": True, "iteration_log": True, "label_only_head": True,
-          "qlora_compute_dtype": "bfloat16", "fused_norm": True, "max_iters": 12}  # fmt: skip
+LEVERS = {
+    "attention": "sdpa",
+    "gradient_checkpointing": False,
+    "group_by_exact_length": True,
+    "cuda_expandable_segments": True,
+    "iteration_log": True,
+    "label_only_head": True,
+    "qlora_compute_dtype": "bfloat16",
+    "fused_norm": True,
+    "max_iters": 12,
+}
 
 
 def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
@@ -80,12 +90,20 @@ def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
     text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", stock)
     (tmp_path / "stock.py").write_text(text)
     assert launcher_settings(str(tmp_path / "stock.py")) == dict(
-        attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-        cuda_expandable_segments=False, iteration_log=False, label_only_head=False,
-        qlora_compute_dtype="float16", fused_norm=False)  # fmt: skip
+        attention="eager",
+        gradient_checkpointing=True,
+        group_by_exact_length=False,
+        cuda_expandable_segments=False,
+        iteration_log=False,
+        label_only_head=False,
+        qlora_compute_dtype="float16",
+        fused_norm=False,
+    )
     cfg = load(text, tmp_path)
     assert cfg.train_cfg.max_epochs == 1 and "max_iters" not in cfg.train_cfg
-    assert [h.type.__name__ if not isinstance(h.type, str) else h.type for h in cfg.custom_hooks] == ["DatasetInfoHook"]
+    assert [h.type.__name__ if not isinstance(h.type, str) else h.type for h in cfg.custom_hooks] == [
+        "DatasetInfoHook"
+    ]
 
 
 def test_levers_reach_the_launcher(configs, train_json, tmp_path):
@@ -134,8 +152,15 @@ def test_exact_group_lengths_use_the_tile_count():
         {"image": None},  # text only: negative length, untouched
         {"image": "d.jpg"},  # no size: the guess stays
     ]
-    ds = SimpleNamespace(data=data, group_length=[40 + guess, 50 + guess, 999, -30, 60 + guess], patch_token=256,
-                         max_dynamic_patch=12, min_dynamic_patch=1, use_thumbnail=True, image_size=448)  # fmt: skip
+    ds = SimpleNamespace(
+        data=data,
+        group_length=[40 + guess, 50 + guess, 999, -30, 60 + guess],
+        patch_token=256,
+        max_dynamic_patch=12,
+        min_dynamic_patch=1,
+        use_thumbnail=True,
+        image_size=448,
+    )
     assert exact_group_lengths(ds) == 2
     assert ds.group_length == [40 + 256, 50 + 4 * 256, 999, -30, 60 + guess]
 
@@ -151,8 +176,18 @@ def test_shipped_gpu_config_keeps_the_global_batch(configs, train_json, tmp_path
 def test_iteration_log_summary_counts_padding_and_wall_time():
     from vlmtune.iteration_log import summarise
 
-    rec = lambda s, real, padded, n: dict(seconds=s, step_seconds=s * 0.9, samples=n, tiles=3 * n, real_tokens=real,
-                                          padded_tokens=padded, lengths=[], loss=1.0, max_allocated=2**30, max_reserved=2**31)  # fmt: skip
+    rec = lambda s, real, padded, n: dict(
+        seconds=s,
+        step_seconds=s * 0.9,
+        samples=n,
+        tiles=3 * n,
+        real_tokens=real,
+        padded_tokens=padded,
+        lengths=[],
+        loss=1.0,
+        max_allocated=2**30,
+        max_reserved=2**31,
+    )
     s = summarise([rec(9.0, 10, 10, 2), rec(1.0, 60, 80, 2), rec(3.0, 40, 40, 4)], warmup=1)
     assert s["iterations"] == 2 and s["samples_per_s"] == 6 / 4.0 and s["real_tokens_per_s"] == 100 / 4.0
     assert s["padding_share"] == 1 - 100 / 120 and s["tiles_per_sample"] == 3.0
@@ -164,16 +199,23 @@ def test_iteration_log_summary_counts_padding_and_wall_time():
 def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
     """config/tutorial.yaml over the shipped config gives back the tutorial's exact settings."""
     from conftest import ROOT
-    from vlmtune.config import load as load_config, validate
+    from vlmtune.config import load as load_config
+    from vlmtune.config import validate
     from vlmtune.xtuner_main import launcher_settings
 
     config = validate(load_config(ROOT / "config" / "config.yaml", ROOT / "config" / "tutorial.yaml"))
     text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", config["train"])
     (tmp_path / "tutorial.py").write_text(text)
     assert launcher_settings(str(tmp_path / "tutorial.py")) == dict(
-        attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-        cuda_expandable_segments=False, iteration_log=False, label_only_head=False,
-        qlora_compute_dtype="float16", fused_norm=False)  # fmt: skip
+        attention="eager",
+        gradient_checkpointing=True,
+        group_by_exact_length=False,
+        cuda_expandable_segments=False,
+        iteration_log=False,
+        label_only_head=False,
+        qlora_compute_dtype="float16",
+        fused_norm=False,
+    )
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True and cfg.train_dataloader.batch_size == 8
     assert cfg.optim_wrapper.accumulative_counts == 2 and plan["global_batch_size"] == 64

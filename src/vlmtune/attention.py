@@ -53,8 +53,14 @@ def right_padded(mask: torch.Tensor) -> bool:
 
 def _causal_mask_for_sdpa(original):
     def update(attention_mask, input_tensor, cache_position, past_key_values, output_attentions):
-        if (attention_mask is not None and attention_mask.dim() == 2 and past_key_values is None
-                and not output_attentions and input_tensor.shape[1] > 1 and right_padded(attention_mask)):  # fmt: skip
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and past_key_values is None
+            and not output_attentions
+            and input_tensor.shape[1] > 1
+            and right_padded(attention_mask)
+        ):
             return None  # SDPA then runs with is_causal=True (flash kernel)
         return original(attention_mask, input_tensor, cache_position, past_key_values, output_attentions)
 
@@ -91,26 +97,39 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def compare(model_path, device: str = "cpu", dtype: torch.dtype = torch.float32, batch: int = 2,
-            seq: int = 64, tiles: int = 2, seed: int = 0) -> dict:  # fmt: skip
+def compare(
+    model_path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch: int = 2,
+    seq: int = 64,
+    tiles: int = 2,
+    seed: int = 0,
+) -> dict:
     """Relative errors of SDPA against the original eager attention on random inputs, for one
     InternViT attention layer, one InternLM2 attention layer and the whole InternLM2 model with
     a right-padded batch (compared at the real positions only)."""
     from transformers import AutoModel
 
     torch.manual_seed(seed)
-    model = AutoModel.from_pretrained(str(model_path), torch_dtype=dtype, trust_remote_code=True).to(device).eval()
+    model = (
+        AutoModel.from_pretrained(str(model_path), torch_dtype=dtype, trust_remote_code=True)
+        .to(device)
+        .eval()
+    )
     vit_attn = model.vision_model.encoder.layers[0].attn
     llm = model.language_model.model
     llm_attn = llm.layers[0].attention
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    x_vit = torch.randn(tiles, side * side + 1, model.config.vision_config.hidden_size, device=device, dtype=dtype)
+    x_vit = torch.randn(
+        tiles, side * side + 1, model.config.vision_config.hidden_size, device=device, dtype=dtype
+    )
     hidden = model.config.llm_config.hidden_size
     x_llm = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
     pos = torch.arange(seq, device=device).unsqueeze(0).repeat(batch, 1)
     mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
     for row in range(1, batch):  # right padding, as XTuner's collate makes it
-        mask[row, seq - seq // (row + 2):] = False
+        mask[row, seq - seq // (row + 2) :] = False
     embeds = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
     with torch.no_grad():
         ref_vit = vit_attn(x_vit)
@@ -122,8 +141,10 @@ def compare(model_path, device: str = "cpu", dtype: torch.dtype = torch.float32,
         new_llm = llm_attn(x_llm, attention_mask=causal, position_ids=pos)[0]
         new_model = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
     return dict(
-        switched=switched, dtype=str(dtype).replace("torch.", ""), device=device,
+        switched=switched,
+        dtype=str(dtype).replace("torch.", ""),
+        device=device,
         vit_attention=_rel_err(new_vit, ref_vit),
         llm_attention=_rel_err(new_llm, ref_llm),
         llm_model_right_padded=_rel_err(new_model[mask], ref_model[mask]),
-    )  # fmt: skip
+    )

@@ -123,18 +123,25 @@ def cross_key_problems(config: dict) -> list[str]:
         problems.append("train.gpus: must be >= 1 when train.device is cuda")
     if train["device"] == "cpu":
         if train["method"] == "qlora":
-            problems.append("train.method: qlora needs CUDA (bitsandbytes 4-bit); use lora with train.device: cpu")
+            problems.append(
+                "train.method: qlora needs CUDA (bitsandbytes 4-bit); use lora with train.device: cpu"
+            )
         if train["deepspeed"] != "none":
             problems.append("train.deepspeed: must be none with train.device: cpu")
         if train["gpus"] != 0:
             problems.append("train.gpus: must be 0 with train.device: cpu")
     if train["method"] == "qlora" and train["deepspeed"].startswith("zero3"):
-        problems.append(f"train.deepspeed: {train['deepspeed']} shards parameters and cannot hold 4-bit (qlora) weights; use zero1/zero2 or method: lora")
+        problems.append(
+            f"train.deepspeed: {train['deepspeed']} shards parameters and cannot hold 4-bit (qlora) "
+            "weights; use zero1/zero2 or method: lora"
+        )
     if train["method"] == "qlora" and train.get("label_only_head"):
         # Seen on an H200 (bitsandbytes 0.50.2): the 4-bit output head on the labelled rows
         # fails with CUBLAS_STATUS_EXECUTION_FAILED (benchmarks/RESULTS.md, round 2).
-        problems.append("train.label_only_head: not available with method: qlora yet (the 4-bit output head "
-                        "fails on the GPU); set it to false, or use method: lora, where it is measured")  # fmt: skip
+        problems.append(
+            "train.label_only_head: not available with method: qlora yet (the 4-bit output head "
+            "fails on the GPU); set it to false, or use method: lora, where it is measured"
+        )
     if config["evaluate"]["engine"] == "lmdeploy" and config["evaluate"].get("gpus", 1) < 1:
         problems.append("evaluate.gpus: the lmdeploy engine needs a GPU; use engine: transformers on CPU")
     return problems

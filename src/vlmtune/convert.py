@@ -48,8 +48,13 @@ DEFAULT_QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
 RECORD_TYPES = ("I2T", "T2T", "IT2T")
 # Reasons that are not defects of the record: never fatal under on_bad_record=error.
 NOT_BAD = {"type_not_selected"}
-FIELD_TYPES = {"text": (str, type(None)), "question": (str, type(None)), "star": (int, type(None)),
-               "type": (str, type(None)), "image": (str, type(None))}  # fmt: skip
+FIELD_TYPES = {
+    "text": (str, type(None)),
+    "question": (str, type(None)),
+    "star": (int, type(None)),
+    "type": (str, type(None)),
+    "image": (str, type(None)),
+}
 
 
 class BadRecord(ValueError):
@@ -82,7 +87,10 @@ def jpeg_header_size(head: bytes) -> tuple[int, int] | None:
         if marker in SOF_MARKERS:
             if i + 9 > n:
                 return None
-            height, width = int.from_bytes(head[i + 5 : i + 7], "big"), int.from_bytes(head[i + 7 : i + 9], "big")
+            height, width = (
+                int.from_bytes(head[i + 5 : i + 7], "big"),
+                int.from_bytes(head[i + 7 : i + 9], "big"),
+            )
             return (width, height) if width and height else None
         i += 2 + int.from_bytes(head[i + 2 : i + 4], "big")
     return None
@@ -157,7 +165,9 @@ class ConversionError(ValueError):
     """A setting that cannot work with this dataset (names the config key)."""
 
 
-def held_out_images(images: list[str], folder: Path, eval_images: int, split_seed: int) -> tuple[list[str], dict]:
+def held_out_images(
+    images: list[str], folder: Path, eval_images: int, split_seed: int
+) -> tuple[list[str], dict]:
     """The seeded draw of ``eval_images`` images, drawn only from images whose pixels decode:
     the drawn images are fully decoded (conversion reads only headers; an evaluation image
     must decode because the eval set is not filtered later), and while any does not, it is
@@ -167,9 +177,11 @@ def held_out_images(images: list[str], folder: Path, eval_images: int, split_see
     decoded, bad, pool = {}, {}, list(images)
     while True:
         if eval_images >= len(pool):
-            raise ConversionError(f"conversion.eval_images: {eval_images} is not below the {len(pool)} images with "
-                                  f"usable records{f' ({len(bad)} more do not decode)' if bad else ''}: "
-                                  "no training image would be left; lower it (0 holds nothing out)")  # fmt: skip
+            raise ConversionError(
+                f"conversion.eval_images: {eval_images} is not below the {len(pool)} images with "
+                f"usable records{f' ({len(bad)} more do not decode)' if bad else ''}: "
+                "no training image would be left; lower it (0 holds nothing out)"
+            )
         held = random.Random(split_seed).sample(pool, eval_images)
         for name in held:
             if name not in decoded:
@@ -181,9 +193,16 @@ def held_out_images(images: list[str], folder: Path, eval_images: int, split_see
         pool = [n for n in pool if n not in failed]
 
 
-def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT_QUESTION,
-            on_bad_record: str = "skip", eval_images: int = 0, split_seed: int = 0,
-            workers: int = 8, types: list[str] | None = None) -> tuple[list[dict], list[dict], dict]:  # fmt: skip
+def convert(
+    dataset: Path,
+    language: str = "cn",
+    default_question: str = DEFAULT_QUESTION,
+    on_bad_record: str = "skip",
+    eval_images: int = 0,
+    split_seed: int = 0,
+    workers: int = 8,
+    types: list[str] | None = None,
+) -> tuple[list[dict], list[dict], dict]:
     """Return (train samples, eval records, report). Nothing is written."""
     dataset = Path(dataset)
     source = dataset / f"{language}.jsonl"
@@ -214,7 +233,9 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
                 raise BadRecord("empty_text", where, "empty text")
             key = (rec["image"], rec.get("question") or default_question, rec["text"])
             if key in first_seen:
-                raise BadRecord("duplicate_record", where, f"same image, question and text as line {first_seen[key]}")
+                raise BadRecord(
+                    "duplicate_record", where, f"same image, question and text as line {first_seen[key]}"
+                )
             first_seen[key] = line.lineno
         except BadRecord as err:
             skip(err)
@@ -234,14 +255,21 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
     raise_first_error()
 
     images = sorted({rec["image"] for _, rec, _ in kept})
-    held, undecodable = held_out_images(images, images_dir, eval_images, split_seed) if eval_images else ([], {})
+    held, undecodable = (
+        held_out_images(images, images_dir, eval_images, split_seed) if eval_images else ([], {})
+    )
     held_out = set(held)
     if undecodable:
         still = []
         for where, rec, size in kept:
             if rec["image"] in undecodable:
-                skip(BadRecord("corrupt_image", where, f"images/{rec['image']}.jpg: pixels do not decode "
-                                                      f"({undecodable[rec['image']]})"))  # fmt: skip
+                skip(
+                    BadRecord(
+                        "corrupt_image",
+                        where,
+                        f"images/{rec['image']}.jpg: pixels do not decode ({undecodable[rec['image']]})",
+                    )
+                )
             else:
                 still.append((where, rec, size))
         kept, images = still, [n for n in images if n not in undecodable]
@@ -253,21 +281,29 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
         if rec["image"] in held_out:
             key = (rec["image"], question)
             if key not in groups:
-                groups[key] = {"id": f"eval-{len(groups)}", "image": f"images/{rec['image']}.jpg",
-                               "width": width, "height": height, "question": question,
-                               "type": rec.get("type"), "references": []}  # fmt: skip
+                groups[key] = {
+                    "id": f"eval-{len(groups)}",
+                    "image": f"images/{rec['image']}.jpg",
+                    "width": width,
+                    "height": height,
+                    "question": question,
+                    "type": rec.get("type"),
+                    "references": [],
+                }
             groups[key]["references"].append({"text": rec["text"], "star": rec.get("star"), "source": where})
             continue
-        train.append({
-            "id": len(train),
-            "image": f"images/{rec['image']}.jpg",
-            "width": width,
-            "height": height,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": rec["text"]},
-            ],
-        })  # fmt: skip
+        train.append(
+            {
+                "id": len(train),
+                "image": f"images/{rec['image']}.jpg",
+                "width": width,
+                "height": height,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": rec["text"]},
+                ],
+            }
+        )
 
     eval_records = list(groups.values())
     n_eval = sum(len(g["references"]) for g in eval_records)
@@ -286,9 +322,15 @@ def convert(dataset: Path, language: str = "cn", default_question: str = DEFAULT
         "skipped_where": {k: v for k, v in sorted(skipped.items())},
         "train_types": dict(Counter(r.get("type") for _, r, _ in kept if r["image"] not in held_out)),
         "images": {"train": len(set(images) - held_out), "eval": len(held_out)},
-        "settings": {"language": language, "default_question": default_question, "types": types,
-                     "on_bad_record": on_bad_record, "eval_images": eval_images, "split_seed": split_seed},
-    }  # fmt: skip
+        "settings": {
+            "language": language,
+            "default_question": default_question,
+            "types": types,
+            "on_bad_record": on_bad_record,
+            "eval_images": eval_images,
+            "split_seed": split_seed,
+        },
+    }
     if report["kept"] + n_skipped != read:
         raise AssertionError(f"accounting error: kept {report['kept']} + skipped {n_skipped} != read {read}")
     return train, eval_records, report
@@ -313,9 +355,16 @@ def main(argv=None) -> None:
     ap.add_argument("--report", required=True, type=Path)
     a = ap.parse_args(argv)
     try:
-        train, eval_records, report = convert(a.dataset, a.language, a.default_question, a.on_bad_record,
-                                              a.eval_images, a.split_seed, a.workers,
-                                              [t for t in a.types.split(",") if t])  # fmt: skip
+        train, eval_records, report = convert(
+            a.dataset,
+            a.language,
+            a.default_question,
+            a.on_bad_record,
+            a.eval_images,
+            a.split_seed,
+            a.workers,
+            [t for t in a.types.split(",") if t],
+        )
     except BadRecord as err:
         raise SystemExit(f"convert: bad record at {err.where}: {err.reason}: {err.detail}") from None
     except (FileNotFoundError, ConversionError) as err:
@@ -323,8 +372,10 @@ def main(argv=None) -> None:
     write_samples(a.out_train, train, a.output_format)
     write_samples(a.out_eval, eval_records, "jsonl")
     write_json(a.report, report)
-    print(f"read {report['read']}: {report['train_samples']} train, {report['eval_records']} held out "
-          f"({report['eval_prompts']} prompts), skipped {report['skipped_by_reason']}")  # fmt: skip
+    print(
+        f"read {report['read']}: {report['train_samples']} train, {report['eval_records']} held out "
+        f"({report['eval_prompts']} prompts), skipped {report['skipped_by_reason']}"
+    )
 
 
 if __name__ == "__main__":

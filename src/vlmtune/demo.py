@@ -21,8 +21,20 @@ from pathlib import Path
 from .atomic import atomic_dir
 
 # (width, height): varied sizes and aspect ratios, portrait, landscape, square, tiny, wide.
-IMAGE_SIZES = [(450, 404), (897, 1152), (640, 480), (300, 900), (1200, 300), (512, 512),
-               (200, 260), (1024, 768), (768, 1024), (333, 222), (980, 420), (420, 980)]  # fmt: skip
+IMAGE_SIZES = [
+    (450, 404),
+    (897, 1152),
+    (640, 480),
+    (300, 900),
+    (1200, 300),
+    (512, 512),
+    (200, 260),
+    (1024, 768),
+    (768, 1024),
+    (333, 222),
+    (980, 420),
+    (420, 980),
+]
 JOKES = [
     "住手!现在的你还不是那家伙的对手!先撤吧!!",
     "小猫咪,你的猫爪好臭啊",
@@ -100,15 +112,27 @@ def clot_like_records(n_records: int, seed: int) -> list[dict]:
     while len(records) < n_records:
         for _ in range(rng.randint(1, 5)):
             kind = rng.choices(["I2T", "T2T", "IT2T"], weights=[65, 32, 3])[0]
-            text = rng.choice(JOKES) if rng.random() < 0.3 else "".join(rng.choice(chars) for _ in range(rng.randint(10, 60)))
-            records.append(dict(text=text, question=None if kind == "I2T" else rng.choice(QUESTIONS),
-                                star=None if rng.random() < 0.22 else rng.randint(0, 500), type=kind,
-                                image=f"clot{image:05d}"))  # fmt: skip
+            text = (
+                rng.choice(JOKES)
+                if rng.random() < 0.3
+                else "".join(rng.choice(chars) for _ in range(rng.randint(10, 60)))
+            )
+            records.append(
+                dict(
+                    text=text,
+                    question=None if kind == "I2T" else rng.choice(QUESTIONS),
+                    star=None if rng.random() < 0.22 else rng.randint(0, 500),
+                    type=kind,
+                    image=f"clot{image:05d}",
+                )
+            )
         image += 1
     return records[:n_records]
 
 
-def build_clot_like(out: Path, n_records: int = 2000, seed: int = 0, min_side: int = 200, max_side: int = 1200) -> Path:
+def build_clot_like(
+    out: Path, n_records: int = 2000, seed: int = 0, min_side: int = 200, max_side: int = 1200
+) -> Path:
     """A CLoT-Oogiri-GO-shaped dataset in the hub's layout (``cn.jsonl`` + ``images.zip`` holding
     ``images/<id>.jpg``, sides ``min_side``-``max_side`` px of varied aspect), for measuring the
     workflow at a realistic size (benchmarks/gpu_workflow.sh)."""

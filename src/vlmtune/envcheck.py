@@ -29,14 +29,26 @@ FAMILIES = {
     "data": dict(
         env="envs/data.yaml",
         requirements=["requirements/data.txt"],
-        key={"PyYAML": "yaml", "jsonschema": "jsonschema", "huggingface_hub": "huggingface_hub",
-             "Pillow": "PIL", "tqdm": "tqdm"},  # fmt: skip
+        key={
+            "PyYAML": "yaml",
+            "jsonschema": "jsonschema",
+            "huggingface_hub": "huggingface_hub",
+            "Pillow": "PIL",
+            "tqdm": "tqdm",
+        },
     ),
     "xtuner": dict(
         env="envs/xtuner.yaml",
         requirements=["requirements/gpu.txt", "requirements/xtuner-nodeps.txt"],
-        key={"torch": "torch", "transformers": "transformers", "mmengine": "mmengine", "peft": "peft",
-             "timm": "timm", "xtuner": "xtuner", "PyYAML": "yaml"},  # fmt: skip
+        key={
+            "torch": "torch",
+            "transformers": "transformers",
+            "mmengine": "mmengine",
+            "peft": "peft",
+            "timm": "timm",
+            "xtuner": "xtuner",
+            "PyYAML": "yaml",
+        },
     ),
     "lmdeploy": dict(
         env="envs/lmdeploy.yaml",
@@ -128,8 +140,11 @@ def check(family: str, root: Path = ROOT, do_import: bool = True) -> dict[str, s
             continue
         if pinned and not same_version(have, pinned):
             if drift_allowed():
-                print(f"envcheck: warning: {dist} {have} is installed, {pinned} is pinned "
-                      f"({ALLOW_DRIFT_VAR} is set)", file=sys.stderr)  # fmt: skip
+                print(
+                    f"envcheck: warning: {dist} {have} is installed, {pinned} is pinned "
+                    f"({ALLOW_DRIFT_VAR} is set)",
+                    file=sys.stderr,
+                )
             else:
                 problems.append(f"{dist} {have} is installed, {pinned} is pinned")
         if do_import:

@@ -29,8 +29,8 @@ from pathlib import Path
 from .atomic import atomic_file
 from .jsonl import iter_jsonl
 from .lmdeploy_engine import ids_digest
-from .provenance import write_for_evaluation
 from .prompt import IMG_CONTEXT, STOP_WORDS, image_tokens, training_prompt
+from .provenance import write_for_evaluation
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
@@ -46,14 +46,20 @@ def require(module: str, engine: str):
         return __import__(module)
     except ImportError:
         other = "transformers" if engine == "lmdeploy" else "lmdeploy"
-        raise EvaluateError(f"evaluate: engine {engine!r} needs the Python package {module!r}, which is not "
-                            f"installed in this environment ({sys.executable}); run the workflow with "
-                            f"--sdm conda (env {ENGINE_ENVS[engine]}) or set evaluate.engine: {other}") from None  # fmt: skip
+        raise EvaluateError(
+            f"evaluate: engine {engine!r} needs the Python package {module!r}, which is not "
+            f"installed in this environment ({sys.executable}); run the workflow with "
+            f"--sdm conda (env {ENGINE_ENVS[engine]}) or set evaluate.engine: {other}"
+        ) from None
 
 
 def abbreviate(prompt: str) -> str:
     """``<IMG_CONTEXT>`` x N written as ``<IMG_CONTEXT>*N``: the prompt stays readable in the log."""
-    return re.sub(f"({re.escape(IMG_CONTEXT)})+", lambda m: f"{IMG_CONTEXT}*{len(m.group(0)) // len(IMG_CONTEXT)}", prompt)
+    return re.sub(
+        f"({re.escape(IMG_CONTEXT)})+",
+        lambda m: f"{IMG_CONTEXT}*{len(m.group(0)) // len(IMG_CONTEXT)}",
+        prompt,
+    )
 
 
 def read_eval(path: Path, limit: int | None = None) -> list[dict]:
@@ -64,7 +70,9 @@ def read_eval(path: Path, limit: int | None = None) -> list[dict]:
         if line.error is not None:
             raise EvaluateError(str(line.error))
         rec = line.value
-        missing = [k for k in ("id", "image", "question", "references") if not isinstance(rec, dict) or k not in rec]
+        missing = [
+            k for k in ("id", "image", "question", "references") if not isinstance(rec, dict) or k not in rec
+        ]
         if missing:
             raise EvaluateError(f"{line.where}: record lacks {', '.join(missing)}")
         records.append(rec)
@@ -100,14 +108,18 @@ class TransformersEngine:
         self.tokenizer.padding_side = "left"
         self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         size = self.cfg.force_image_size
-        self.tokens_per_tile = int((size // self.cfg.vision_config.patch_size) ** 2 * self.cfg.downsample_ratio**2)
+        self.tokens_per_tile = int(
+            (size // self.cfg.vision_config.patch_size) ** 2 * self.cfg.downsample_ratio**2
+        )
         # The transform of XTuner's InternVL dataset: the same pixels as in training.
-        self.transform = T.Compose([
-            T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
-            T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
-            T.ToTensor(),
-            T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-        ])  # fmt: skip
+        self.transform = T.Compose(
+            [
+                T.Lambda(lambda img: img.convert("RGB") if img.mode != "RGB" else img),
+                T.Resize((size, size), interpolation=InterpolationMode.BICUBIC),
+                T.ToTensor(),
+                T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+            ]
+        )
         self.gen = gen
         self.stop_ids = [self.tokenizer.eos_token_id] + self.tokenizer.convert_tokens_to_ids(STOP_WORDS)
         self.version = importlib.metadata.version("transformers")
@@ -120,8 +132,13 @@ class TransformersEngine:
             raise EvaluateError(f"evaluate: image {path} does not exist")
         with Image.open(path) as img:
             img = img.convert("RGB")
-            tiles = dynamic_preprocess(img, self.cfg.min_dynamic_patch, self.cfg.max_dynamic_patch,
-                                       self.cfg.force_image_size, self.cfg.use_thumbnail)  # fmt: skip
+            tiles = dynamic_preprocess(
+                img,
+                self.cfg.min_dynamic_patch,
+                self.cfg.max_dynamic_patch,
+                self.cfg.force_image_size,
+                self.cfg.use_thumbnail,
+            )
         return self.torch.stack([self.transform(t) for t in tiles])
 
     def prepare(self, batch: list[dict], image_folder: Path):
@@ -139,8 +156,12 @@ class TransformersEngine:
         torch = self.torch
         pixels, prompts, enc = self.prepare(batch, image_folder)
         torch.manual_seed(self.gen["seed"])
-        kwargs = dict(max_new_tokens=self.gen["max_new_tokens"], do_sample=self.gen["do_sample"],
-                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        kwargs = dict(
+            max_new_tokens=self.gen["max_new_tokens"],
+            do_sample=self.gen["do_sample"],
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         if self.gen["do_sample"]:
             kwargs.update(temperature=self.gen["temperature"], top_p=self.gen["top_p"])
         with torch.inference_mode():
@@ -162,13 +183,20 @@ class TransformersEngine:
             stop = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
             kept = ids[: stop + 1] if stop is not None else ids
             ids = [t for t in ids[:stop] if t != self.tokenizer.pad_token_id]
-            results.append(dict(prompt=abbreviate(prompts[i]),
-                                prediction=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                                prompt_tokens=len(prompt_ids), prompt_ids_digest=ids_digest(prompt_ids),
-                                image_tokens=prompt_ids.count(img_ctx), completion_tokens=len(ids),
-                                completion_ids=[t for t in kept if t != self.tokenizer.pad_token_id],
-                                first_token_margin=round(float(top2[i, 0] - top2[i, 1]), 4),
-                                finish_reason="stop" if stop is not None else "length", engine_backend=None))  # fmt: skip
+            results.append(
+                dict(
+                    prompt=abbreviate(prompts[i]),
+                    prediction=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    prompt_tokens=len(prompt_ids),
+                    prompt_ids_digest=ids_digest(prompt_ids),
+                    image_tokens=prompt_ids.count(img_ctx),
+                    completion_tokens=len(ids),
+                    completion_ids=[t for t in kept if t != self.tokenizer.pad_token_id],
+                    first_token_margin=round(float(top2[i, 0] - top2[i, 1]), 4),
+                    finish_reason="stop" if stop is not None else "length",
+                    engine_backend=None,
+                )
+            )
         return results
 
     def reference_nll(self, rec: dict, image_folder: Path) -> list[dict]:
@@ -183,8 +211,11 @@ class TransformersEngine:
             target = self.tokenizer.encode(ref["text"].strip() + STOP_WORDS[0], add_special_tokens=False)
             ids = torch.tensor([prompt_ids + target], device=self.device)
             with torch.inference_mode():
-                logits = self.model(pixel_values=px, input_ids=ids,
-                                    image_flags=torch.ones(len(px), 1, dtype=torch.long, device=self.device)).logits  # fmt: skip
+                logits = self.model(
+                    pixel_values=px,
+                    input_ids=ids,
+                    image_flags=torch.ones(len(px), 1, dtype=torch.long, device=self.device),
+                ).logits
             # Position t predicts token t+1: the target's logits start one before it.
             pred = logits[0, len(prompt_ids) - 1 : -1].float()
             nll = torch.nn.functional.cross_entropy(pred, ids[0, len(prompt_ids) :], reduction="sum").item()
@@ -192,9 +223,18 @@ class TransformersEngine:
         return out
 
 
-def generate(model: Path, eval_path: Path, image_folder: Path, engine: str, out: Path, gen: dict,
-             batch_size: int = 8, session_len: int = 8192, max_records: int | None = None,
-             lmdeploy_backend: str = "pytorch") -> int:  # fmt: skip
+def generate(
+    model: Path,
+    eval_path: Path,
+    image_folder: Path,
+    engine: str,
+    out: Path,
+    gen: dict,
+    batch_size: int = 8,
+    session_len: int = 8192,
+    max_records: int | None = None,
+    lmdeploy_backend: str = "pytorch",
+) -> int:
     """Answer the held-out records with ``engine`` and write ``predictions.jsonl`` (atomically).
 
     Prints the generation throughput (prompts/s, model loading excluded). Raises EvaluateError
@@ -220,36 +260,60 @@ def generate(model: Path, eval_path: Path, image_folder: Path, engine: str, out:
         raise EvaluateError(f"evaluate: unknown engine {engine!r}; choose lmdeploy or transformers")
     started = time.perf_counter()
     # tqdm writes to stderr, which the rule sends to the log.
-    with atomic_file(out) as fh, tqdm(total=len(records), desc=f"generate ({engine})", unit="prompt",
-                                      mininterval=5, file=sys.stderr) as bar:  # fmt: skip
+    with (
+        atomic_file(out) as fh,
+        tqdm(
+            total=len(records), desc=f"generate ({engine})", unit="prompt", mininterval=5, file=sys.stderr
+        ) as bar,
+    ):
         # LMDeploy schedules its own batches (continuous batching up to batch_size): hand it
         # many requests at once; the transformers engine pads and runs batch_size at a time.
         chunk = batch_size if engine == "transformers" else max(batch_size, 256)
         for start in range(0, len(records), chunk):
             batch = records[start : start + chunk]
             for rec, res in zip(batch, runner.generate(batch, Path(image_folder)), strict=True):
-                row = dict(id=rec["id"], image=rec["image"], type=rec.get("type"), question=rec["question"],
-                           references=rec["references"], **res, engine=engine, engine_version=runner.version,
-                           generation=gen, model=str(model))  # fmt: skip
+                row = dict(
+                    id=rec["id"],
+                    image=rec["image"],
+                    type=rec.get("type"),
+                    question=rec["question"],
+                    references=rec["references"],
+                    **res,
+                    engine=engine,
+                    engine_version=runner.version,
+                    generation=gen,
+                    model=str(model),
+                )
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             bar.update(len(batch))
     elapsed = time.perf_counter() - started
-    print(f"[vlmtune.evaluate] generation: {len(records)} prompts in {elapsed:.2f} s = "
-          f"{len(records) / max(elapsed, 1e-9):.2f} prompts/s ({engine}, batch {batch_size}, model loading excluded)")  # fmt: skip
+    print(
+        f"[vlmtune.evaluate] generation: {len(records)} prompts in {elapsed:.2f} s = "
+        f"{len(records) / max(elapsed, 1e-9):.2f} prompts/s ({engine}, batch {batch_size}, model loading "
+        "excluded)"
+    )
     if hasattr(runner, "close"):
         runner.close()
     return len(records)
 
 
-def reference_nll(model: Path, eval_path: Path, image_folder: Path, out: Path, max_records: int | None = None) -> int:
+def reference_nll(
+    model: Path, eval_path: Path, image_folder: Path, out: Path, max_records: int | None = None
+) -> int:
     from tqdm import tqdm
 
     records = read_eval(eval_path, max_records)
     runner = TransformersEngine(model)
     with atomic_file(out) as fh:
         for rec in tqdm(records, desc="reference NLL", unit="record", mininterval=5, file=sys.stderr):
-            row = dict(id=rec["id"], type=rec.get("type"), references=runner.reference_nll(rec, image_folder),
-                       engine="transformers", engine_version=runner.version, model=str(model))  # fmt: skip
+            row = dict(
+                id=rec["id"],
+                type=rec.get("type"),
+                references=runner.reference_nll(rec, image_folder),
+                engine="transformers",
+                engine_version=runner.version,
+                model=str(model),
+            )
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(records)
 
@@ -273,8 +337,18 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     try:
         if a.task == "generate":
-            n = generate(a.model, a.eval, a.image_folder, a.engine, a.out, json.loads(a.generation),
-                         a.batch_size, a.session_len, a.max_records, a.lmdeploy_backend)  # fmt: skip
+            n = generate(
+                a.model,
+                a.eval,
+                a.image_folder,
+                a.engine,
+                a.out,
+                json.loads(a.generation),
+                a.batch_size,
+                a.session_len,
+                a.max_records,
+                a.lmdeploy_backend,
+            )
         else:
             n = reference_nll(a.model, a.eval, a.image_folder, a.out, a.max_records)
     except EvaluateError as exc:

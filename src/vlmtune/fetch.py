@@ -110,9 +110,9 @@ def classify(exc: BaseException) -> tuple[bool, str]:
         if isinstance(e, HashMismatch):
             return True, str(e)
     for e in causes:
-        if isinstance(e, (requests.Timeout, u3.ConnectTimeoutError, u3.ReadTimeoutError, TimeoutError)) and not isinstance(
-            e, u3.NewConnectionError
-        ):
+        if isinstance(
+            e, (requests.Timeout, u3.ConnectTimeoutError, u3.ReadTimeoutError, TimeoutError)
+        ) and not isinstance(e, u3.NewConnectionError):
             return True, f"timeout ({type(e).__name__})"
         if isinstance(e, u3.NewConnectionError):
             # DNS failure, network unreachable, connection refused: no route to the hub at all.
@@ -122,8 +122,15 @@ def classify(exc: BaseException) -> tuple[bool, str]:
             code = response.status_code
             return code in TRANSIENT_STATUS, f"HTTP {code}"
     for e in causes:
-        if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                          u3.ProtocolError, ConnectionError)):  # fmt: skip
+        if isinstance(
+            e,
+            (
+                requests.ConnectionError,
+                requests.exceptions.ChunkedEncodingError,
+                u3.ProtocolError,
+                ConnectionError,
+            ),
+        ):
             return True, f"connection lost ({type(e).__name__})"
     return False, f"{type(exc).__name__}: {exc}"
 
@@ -139,30 +146,50 @@ def public_endpoint(endpoint: str | None = None) -> str:
     return urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
 
 
-def _hub_help(kind: str, repo_id: str, revision: str, source: str, exc: Exception, why: str = "",
-              attempts: int = 1, cache: str | None = None) -> FetchError:  # fmt: skip
+def _hub_help(
+    kind: str,
+    repo_id: str,
+    revision: str,
+    source: str,
+    exc: Exception,
+    why: str = "",
+    attempts: int = 1,
+    cache: str | None = None,
+) -> FetchError:
     where = public_endpoint() if source == "huggingface" else public_endpoint(modelscope_endpoint())
     head = f"could not fetch {kind} {repo_id}@{revision} from {where}: {why or type(exc).__name__}"
     if attempts > 1:
         head += f" (gave up after {attempts} attempts)"
     tips = []
     if "gated" in why or "not found, or private" in why:
-        tips.append("gated or private? accept its licence on the hub page, then export HF_TOKEN=... "
-                    "(never put it in the config)")  # fmt: skip
+        tips.append(
+            "gated or private? accept its licence on the hub page, then export HF_TOKEN=... "
+            "(never put it in the config)"
+        )
     if "revision" in why:
-        tips.append(f"check {kind}.revision: a branch, a tag or a 40-character commit of {repo_id}"
-                    if source == "huggingface" else
-                    f"check {kind}.revision: a branch or tag of {repo_id} (ModelScope's default branch is master)")  # fmt: skip
+        tips.append(
+            f"check {kind}.revision: a branch, a tag or a 40-character commit of {repo_id}"
+            if source == "huggingface"
+            else f"check {kind}.revision: a branch or tag of {repo_id} (ModelScope's default branch is "
+            "master)"
+        )
     if "not found" in why:
         tips.append(f"check {kind}.repo_id ({repo_id}) and that the repository is a {kind}")
     if attempts > 1:
-        tips.append("the hub is failing right now: rerun later; completed files and the partial one stay "
-                    f"in the hub cache{f' ({cache})' if cache else ''} and the download resumes there")  # fmt: skip
-    tips += ["no network? use a mirror (export HF_ENDPOINT=https://hf-mirror.com), or" if source == "huggingface"
-             else "no network? set MODELSCOPE_DOMAIN to a reachable ModelScope host, or use source: huggingface, or",
-             f"download it elsewhere and set {kind}.source: local and {kind}.path: /path/to/folder"]  # fmt: skip
-    err = FetchError(f"{head}\n  last error: {type(exc).__name__}: {str(exc).strip()[:500]}\n  - "
-                     + "\n  - ".join(tips))  # fmt: skip
+        tips.append(
+            "the hub is failing right now: rerun later; completed files and the partial one stay "
+            f"in the hub cache{f' ({cache})' if cache else ''} and the download resumes there"
+        )
+    tips += [
+        "no network? use a mirror (export HF_ENDPOINT=https://hf-mirror.com), or"
+        if source == "huggingface"
+        else "no network? set MODELSCOPE_DOMAIN to a reachable ModelScope host, or use source: "
+        "huggingface, or",
+        f"download it elsewhere and set {kind}.source: local and {kind}.path: /path/to/folder",
+    ]
+    err = FetchError(
+        f"{head}\n  last error: {type(exc).__name__}: {str(exc).strip()[:500]}\n  - " + "\n  - ".join(tips)
+    )
     err.transient = attempts > 1
     return err
 
@@ -185,7 +212,10 @@ def with_retries(what: str, fn, policy: RetryPolicy, log=print):
         if attempt == policy.attempts:
             raise FetchError(f"{what}: {why} (after {attempt} attempts)")
         delay = policy.delay(attempt)
-        log(f"{what}: attempt {attempt}/{policy.attempts} failed: {why}; retrying in {delay:.1f} s", flush=True)
+        log(
+            f"{what}: attempt {attempt}/{policy.attempts} failed: {why}; retrying in {delay:.1f} s",
+            flush=True,
+        )
         time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -219,12 +249,17 @@ class Progress:
         while not self._stop.wait(self.interval):
             done = self._size()
             rate = (done - first) / max(time.monotonic() - start, 1e-9) / 1e6
-            print(f"  {self.name}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB "
-                  f"({100 * done / max(self.total, 1):.0f}%), {rate:.1f} MB/s", flush=True)  # fmt: skip
+            print(
+                f"  {self.name}: {done / 1e6:.1f}/{self.total / 1e6:.1f} MB "
+                f"({100 * done / max(self.total, 1):.0f}%), {rate:.1f} MB/s",
+                flush=True,
+            )
 
     def __enter__(self):
         if self._size():
-            print(f"  {self.name}: resuming from {self._size() / 1e6:.1f}/{self.total / 1e6:.1f} MB", flush=True)
+            print(
+                f"  {self.name}: resuming from {self._size() / 1e6:.1f}/{self.total / 1e6:.1f} MB", flush=True
+            )
         self._thread.start()
         return self
 
@@ -233,9 +268,15 @@ class Progress:
         self._thread.join()
 
 
-def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str] | None,
-                     policy: RetryPolicy | None = None, cache_dir: str | None = None,
-                     progress_interval: float = 10.0) -> tuple[Path, str, dict]:  # fmt: skip
+def from_huggingface(
+    kind: str,
+    repo_id: str,
+    revision: str,
+    patterns: list[str] | None,
+    policy: RetryPolicy | None = None,
+    cache_dir: str | None = None,
+    progress_interval: float = 10.0,
+) -> tuple[Path, str, dict]:
     """Download the wanted files of ``repo_id@revision`` into the hub cache, one by one, each
     retried on transient errors and checked against the hub's hash. Returns (snapshot folder,
     commit, {file: {"sha256", "hub_check"}})."""
@@ -251,19 +292,35 @@ def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str]
 
     def fail(exc, attempts=None):
         why = getattr(exc, "why", None) or classify(exc)[1]
-        return _hub_help(kind, repo_id, revision, "huggingface", exc, why,
-                         attempts or getattr(exc, "attempts", 1), str(cache))  # fmt: skip
+        return _hub_help(
+            kind,
+            repo_id,
+            revision,
+            "huggingface",
+            exc,
+            why,
+            attempts or getattr(exc, "attempts", 1),
+            str(cache),
+        )
 
     try:
-        info, _ = with_retries(f"{repo_id}@{revision}: file list", lambda: HfApi(endpoint=endpoint).repo_info(
-            repo_id, repo_type=repo_type, revision=revision, files_metadata=True), policy)  # fmt: skip
+        info, _ = with_retries(
+            f"{repo_id}@{revision}: file list",
+            lambda: HfApi(endpoint=endpoint).repo_info(
+                repo_id, repo_type=repo_type, revision=revision, files_metadata=True
+            ),
+            policy,
+        )
     except Exception as exc:
         raise fail(exc) from exc
     commit = info.sha
     siblings = {s.rfilename: s for s in info.siblings or []}
     wanted = sorted(filter_repo_objects(list(siblings), allow_patterns=patterns))
-    print(f"{repo_id}@{revision} is commit {commit}: {len(wanted)} files, "
-          f"{sum(siblings[n].size or 0 for n in wanted) / 1e6:.1f} MB", flush=True)  # fmt: skip
+    print(
+        f"{repo_id}@{revision} is commit {commit}: {len(wanted)} files, "
+        f"{sum(siblings[n].size or 0 for n in wanted) / 1e6:.1f} MB",
+        flush=True,
+    )
 
     checked: dict[str, dict] = {}
     for i, name in enumerate(wanted, 1):
@@ -272,8 +329,16 @@ def from_huggingface(kind: str, repo_id: str, revision: str, patterns: list[str]
 
         def download_and_check(name=name, s=s, blob=blob):
             with Progress(name, s.size or 0, blob.with_name(blob.name + ".incomplete"), progress_interval):
-                path = Path(hf_hub_download(repo_id, name, repo_type=repo_type, revision=commit,
-                                            cache_dir=str(cache), endpoint=endpoint))  # fmt: skip
+                path = Path(
+                    hf_hub_download(
+                        repo_id,
+                        name,
+                        repo_type=repo_type,
+                        revision=commit,
+                        cache_dir=str(cache),
+                        endpoint=endpoint,
+                    )
+                )
             return path, verify_hub_hash(path, s)
 
         print(f"[{i}/{len(wanted)}] {name} ({(s.size or 0) / 1e6:.1f} MB)", flush=True)
@@ -300,8 +365,10 @@ def verify_hub_hash(path: Path, sibling) -> dict:
     if (sibling.size is not None and size != sibling.size) or expected != actual:
         real.unlink(missing_ok=True)
         Path(path).unlink(missing_ok=True)
-        raise HashMismatch(f"{sibling.rfilename}: {check} {actual} (size {size}) differs from the hub's "
-                           f"{expected} (size {sibling.size}); the cached copy was discarded")  # fmt: skip
+        raise HashMismatch(
+            f"{sibling.rfilename}: {check} {actual} (size {size}) differs from the hub's "
+            f"{expected} (size {sibling.size}); the cached copy was discarded"
+        )
     return {"sha256": digest, "hub_check": check}
 
 
@@ -335,8 +402,15 @@ def _modelscope_listing(api, kind: str, repo_id: str, revision: str) -> tuple[li
         files, page = [], 1
         while True:
             try:  # the repository exists (above): a refusal here is the revision's
-                tree = api.list_repo_tree(dataset_name=name, namespace=owner, revision=revision, root_path="/",
-                                          recursive=True, page_number=page, page_size=150)  # fmt: skip
+                tree = api.list_repo_tree(
+                    dataset_name=name,
+                    namespace=owner,
+                    revision=revision,
+                    root_path="/",
+                    recursive=True,
+                    page_number=page,
+                    page_size=150,
+                )
             except RequestError as exc:
                 exc.verdict = "revision not found"
                 raise
@@ -373,8 +447,9 @@ def _stream(url: str, part: Path, size: int, cookies=None) -> None:
         raise requests.exceptions.ChunkedEncodingError(f"got {part.stat().st_size} of {size} bytes")
 
 
-def _modelscope_blob(url: str, blob: Path, name: str, size: int, expected: str | None, cookies,
-                     progress_interval: float) -> dict:
+def _modelscope_blob(
+    url: str, blob: Path, name: str, size: int, expected: str | None, cookies, progress_interval: float
+) -> dict:
     """One ModelScope file into ``blob`` (resuming ``<blob>.incomplete``), checked against the
     listing's sha256 when it gives one; a mismatch discards the partial copy (a retry refetches)."""
     part = blob.with_name(blob.name + ".incomplete")
@@ -385,15 +460,23 @@ def _modelscope_blob(url: str, blob: Path, name: str, size: int, expected: str |
             actual = sha256(part)
             if actual != expected:
                 part.unlink()
-                raise HashMismatch(f"{name}: sha256 {actual} differs from ModelScope's {expected}; "
-                                   "the partial copy was discarded")  # fmt: skip
+                raise HashMismatch(
+                    f"{name}: sha256 {actual} differs from ModelScope's {expected}; "
+                    "the partial copy was discarded"
+                )
         os.replace(part, blob)
     return {"sha256": expected or sha256(blob), "hub_check": "modelscope_sha256" if expected else None}
 
 
-def from_modelscope(kind: str, repo_id: str, revision: str, patterns: list[str] | None,
-                    policy: RetryPolicy | None = None, cache_dir: str | None = None,
-                    progress_interval: float = 10.0) -> tuple[Path, str | None, dict]:  # fmt: skip
+def from_modelscope(
+    kind: str,
+    repo_id: str,
+    revision: str,
+    patterns: list[str] | None,
+    policy: RetryPolicy | None = None,
+    cache_dir: str | None = None,
+    progress_interval: float = 10.0,
+) -> tuple[Path, str | None, dict]:
     """Download the wanted files of ``repo_id@revision`` from ModelScope: the file list through
     the ``modelscope`` client's API (revision checked by the client: a branch or tag), each file
     by the client's download URL into ``<cache>/vlmtune/<kind>s/<repo>/blobs`` with the project's
@@ -418,19 +501,35 @@ def from_modelscope(kind: str, repo_id: str, revision: str, patterns: list[str] 
         why = getattr(exc, "why", None) or classify(exc)[1]
         if why == "HTTP 404" and not checked:
             why = "repository not found (404)"
-        return _hub_help(kind, repo_id, revision, "modelscope", exc, why,
-                         attempts or getattr(exc, "attempts", 1), str(cache))  # fmt: skip
+        return _hub_help(
+            kind,
+            repo_id,
+            revision,
+            "modelscope",
+            exc,
+            why,
+            attempts or getattr(exc, "attempts", 1),
+            str(cache),
+        )
 
     checked: dict[str, dict] = {}
     try:
-        (files, commit), _ = with_retries(f"{repo_id}@{revision}: file list",
-                                          lambda: _modelscope_listing(api, kind, repo_id, revision), policy)  # fmt: skip
+        (files, commit), _ = with_retries(
+            f"{repo_id}@{revision}: file list",
+            lambda: _modelscope_listing(api, kind, repo_id, revision),
+            policy,
+        )
     except Exception as exc:
         raise fail(exc) from exc
-    wanted = sorted((f for f in files if patterns is None or any(fnmatch.fnmatch(f["Path"], p) for p in patterns)),
-                    key=lambda f: f["Path"])  # fmt: skip
-    print(f"{repo_id}@{revision} (ModelScope{f', commit {commit}' if commit else ''}): {len(wanted)} files, "
-          f"{sum(f.get('Size') or 0 for f in wanted) / 1e6:.1f} MB", flush=True)  # fmt: skip
+    wanted = sorted(
+        (f for f in files if patterns is None or any(fnmatch.fnmatch(f["Path"], p) for p in patterns)),
+        key=lambda f: f["Path"],
+    )
+    print(
+        f"{repo_id}@{revision} (ModelScope{f', commit {commit}' if commit else ''}): {len(wanted)} files, "
+        f"{sum(f.get('Size') or 0 for f in wanted) / 1e6:.1f} MB",
+        flush=True,
+    )
     cookies = ModelScopeConfig.get_cookies()
     snapshot = storage / "snapshots" / hashlib.sha256(f"{revision}\0{commit}".encode()).hexdigest()[:16]
     shutil.rmtree(snapshot, ignore_errors=True)
@@ -440,15 +539,25 @@ def from_modelscope(kind: str, repo_id: str, revision: str, patterns: list[str] 
         key = expected or hashlib.sha256(f"{revision}\0{commit}\0{name}\0{size}".encode()).hexdigest()
         blob = storage / "blobs" / key
         if kind == "model":
-            url = f"{endpoint}/api/v1/models/{repo_id}/repo?Revision={quote_plus(revision)}&FilePath={quote_plus(name)}"
+            url = (
+                f"{endpoint}/api/v1/models/{repo_id}/repo"
+                f"?Revision={quote_plus(revision)}&FilePath={quote_plus(name)}"
+            )
         else:
             owner, ds = repo_id.split("/", 1)
-            url = api.get_dataset_file_url(file_name=name, dataset_name=ds, namespace=owner, revision=revision)
+            url = api.get_dataset_file_url(
+                file_name=name, dataset_name=ds, namespace=owner, revision=revision
+            )
 
         print(f"[{i}/{len(wanted)}] {name} ({size / 1e6:.1f} MB)", flush=True)
         try:
-            checked[name], _ = with_retries(f"{repo_id}@{revision}: {name}", functools.partial(
-                _modelscope_blob, url, blob, name, size, expected, cookies, progress_interval), policy)  # fmt: skip
+            checked[name], _ = with_retries(
+                f"{repo_id}@{revision}: {name}",
+                functools.partial(
+                    _modelscope_blob, url, blob, name, size, expected, cookies, progress_interval
+                ),
+                policy,
+            )
         except Exception as exc:
             raise fail(exc, policy.attempts if isinstance(exc, FetchError) else None) from exc
         target = snapshot / name
@@ -492,8 +601,10 @@ class ExtractLimits:
 
 
 def _limit_error(archive: Path, name: str, what: str) -> FetchError:
-    return FetchError(f"{archive}: entry {name!r} {what}; extraction stopped (raise "
-                      "extraction.max_bytes / extraction.max_ratio if the archive is genuine)")  # fmt: skip
+    return FetchError(
+        f"{archive}: entry {name!r} {what}; extraction stopped (raise "
+        "extraction.max_bytes / extraction.max_ratio if the archive is genuine)"
+    )
 
 
 def safe_extract(archive: Path, dest: Path, limits: ExtractLimits | None = None) -> int:
@@ -524,11 +635,19 @@ def _extract(archive: Path, dest: Path, limits: ExtractLimits) -> int:
                 raise FetchError(f"{archive}: refusing entry {name!r} outside the target folder")
             declared += m.file_size
             if declared > limits.max_bytes:
-                raise _limit_error(archive, name, f"takes the unpacked size to {declared:,} bytes, over the "
-                                                  f"limit of {limits.max_bytes:,} (extraction.max_bytes)")  # fmt: skip
+                raise _limit_error(
+                    archive,
+                    name,
+                    f"takes the unpacked size to {declared:,} bytes, over the "
+                    f"limit of {limits.max_bytes:,} (extraction.max_bytes)",
+                )
             if m.file_size > limits.ratio_floor and m.file_size > limits.max_ratio * max(m.compress_size, 1):
-                raise _limit_error(archive, name, f"unpacks {m.file_size:,} bytes from {m.compress_size:,} "
-                                                  f"(ratio over the limit of {limits.max_ratio:g}, extraction.max_ratio)")  # fmt: skip
+                raise _limit_error(
+                    archive,
+                    name,
+                    f"unpacks {m.file_size:,} bytes from {m.compress_size:,} "
+                    f"(ratio over the limit of {limits.max_ratio:g}, extraction.max_ratio)",
+                )
         count, written = 0, 0
         for m in members:
             target = dest / PurePosixPath(m.filename.replace("\\", "/"))
@@ -541,11 +660,19 @@ def _extract(archive: Path, dest: Path, limits: ExtractLimits) -> int:
                 while block := src.read(1 << 20):
                     entry, written = entry + len(block), written + len(block)
                     if written > limits.max_bytes:
-                        raise _limit_error(archive, m.filename, f"inflates past the limit of {limits.max_bytes:,} "
-                                                                "bytes in all (extraction.max_bytes)")  # fmt: skip
+                        raise _limit_error(
+                            archive,
+                            m.filename,
+                            f"inflates past the limit of {limits.max_bytes:,} "
+                            "bytes in all (extraction.max_bytes)",
+                        )
                     if entry > cap:
-                        raise _limit_error(archive, m.filename, f"inflates past {cap:,.0f} bytes (ratio limit "
-                                                                f"{limits.max_ratio:g}, extraction.max_ratio)")  # fmt: skip
+                        raise _limit_error(
+                            archive,
+                            m.filename,
+                            f"inflates past {cap:,.0f} bytes (ratio limit "
+                            f"{limits.max_ratio:g}, extraction.max_ratio)",
+                        )
                     out.write(block)
             count += 1
     return count
@@ -574,9 +701,18 @@ def manifest(folder: Path, known: dict[str, dict] | None = None, **meta) -> dict
     return {**meta, "files": files}
 
 
-def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=None, language=None,
-          policy: RetryPolicy | None = None, cache_dir: str | None = None,
-          limits: ExtractLimits | None = None) -> Path:  # fmt: skip
+def fetch(
+    kind: str,
+    source: str,
+    out: Path,
+    repo_id=None,
+    revision=None,
+    path=None,
+    language=None,
+    policy: RetryPolicy | None = None,
+    cache_dir: str | None = None,
+    limits: ExtractLimits | None = None,
+) -> Path:
     patterns = dataset_patterns(language) if kind == "dataset" else None
     checked: dict[str, dict] = {}
     if source == "local":
@@ -598,12 +734,21 @@ def fetch(kind: str, source: str, out: Path, repo_id=None, revision=None, path=N
             archive = tmp / "images.zip"
             if archive.is_file() and not (tmp / "images").is_dir():
                 extracted = safe_extract(archive, tmp, limits)
-        endpoint = {"huggingface": public_endpoint, "modelscope": lambda: public_endpoint(modelscope_endpoint())}.get(
-            source, lambda: None)()
-        meta = {"kind": kind, "source": source, "repo_id": repo_id, "revision": revision,
-                    "commit": commit, "endpoint": endpoint, "local_path": str(path) if path else None,
-                    "extracted_from_zip": extracted,
-                    "hub_checked_files": sum(1 for v in checked.values() if v.get("hub_check"))}  # fmt: skip
+        endpoint = {
+            "huggingface": public_endpoint,
+            "modelscope": lambda: public_endpoint(modelscope_endpoint()),
+        }.get(source, lambda: None)()
+        meta = {
+            "kind": kind,
+            "source": source,
+            "repo_id": repo_id,
+            "revision": revision,
+            "commit": commit,
+            "endpoint": endpoint,
+            "local_path": str(path) if path else None,
+            "extracted_from_zip": extracted,
+            "hub_checked_files": sum(1 for v in checked.values() if v.get("hub_check")),
+        }
         write_json(tmp / "manifest.json", manifest(tmp, checked, **meta))
     return Path(out)
 
@@ -618,17 +763,34 @@ def main(argv=None) -> None:
     ap.add_argument("--language", default="cn")
     ap.add_argument("--attempts", type=int, default=RetryPolicy.attempts, help="tries per request")
     ap.add_argument("--backoff", type=float, default=RetryPolicy.base_delay, help="first retry delay, s")
-    ap.add_argument("--max-extract-bytes", type=int, default=ExtractLimits.max_bytes,
-                    help="unpacked size limit of images.zip, bytes (extraction.max_bytes)")
-    ap.add_argument("--max-extract-ratio", type=float, default=ExtractLimits.max_ratio,
-                    help="per-entry unpacked/compressed limit (extraction.max_ratio)")
+    ap.add_argument(
+        "--max-extract-bytes",
+        type=int,
+        default=ExtractLimits.max_bytes,
+        help="unpacked size limit of images.zip, bytes (extraction.max_bytes)",
+    )
+    ap.add_argument(
+        "--max-extract-ratio",
+        type=float,
+        default=ExtractLimits.max_ratio,
+        help="per-entry unpacked/compressed limit (extraction.max_ratio)",
+    )
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     policy = RetryPolicy(attempts=max(1, args.attempts), base_delay=args.backoff)
     limits = ExtractLimits(max_bytes=args.max_extract_bytes, max_ratio=args.max_extract_ratio)
     try:
-        out = fetch(args.kind, args.source, args.out, args.repo_id, args.revision, args.path, args.language,
-                    policy, limits=limits)  # fmt: skip
+        out = fetch(
+            args.kind,
+            args.source,
+            args.out,
+            args.repo_id,
+            args.revision,
+            args.path,
+            args.language,
+            policy,
+            limits=limits,
+        )
     except FetchError as exc:
         raise SystemExit(f"fetch {args.kind}: {exc}") from None
     print(f"fetched {args.kind} into {out}")

@@ -61,13 +61,18 @@ def hook_class():
             loss = outputs.get("loss") if isinstance(outputs, dict) else None
             cuda = torch.cuda.is_available()
             record = dict(
-                iteration=runner.iter + 1, seconds=seconds, step_seconds=step_seconds, samples=int(mask.shape[0]), tiles=tiles,
-                real_tokens=int(mask.sum()), padded_tokens=int(mask.numel()),
+                iteration=runner.iter + 1,
+                seconds=seconds,
+                step_seconds=step_seconds,
+                samples=int(mask.shape[0]),
+                tiles=tiles,
+                real_tokens=int(mask.sum()),
+                padded_tokens=int(mask.numel()),
                 lengths=[int(n) for n in mask.sum(dim=1).tolist()],
                 loss=float(loss) if loss is not None else None,
                 max_allocated=torch.cuda.max_memory_allocated() if cuda else None,
                 max_reserved=torch.cuda.max_memory_reserved() if cuda else None,
-            )  # fmt: skip
+            )
             if self._path is None:
                 self._path = Path(runner.work_dir) / FILE
                 self._path.write_text("")
@@ -92,7 +97,8 @@ def summarise(records: list[dict], warmup: int) -> dict:
     real = sum(r["real_tokens"] for r in window)
     padded = sum(r["padded_tokens"] for r in window)
     return dict(
-        iterations=len(window), warmup=warmup,
+        iterations=len(window),
+        warmup=warmup,
         median_s_per_iter=statistics.median(r["seconds"] for r in window),
         data_wait_share=1 - sum(r.get("step_seconds", r["seconds"]) for r in window) / seconds,
         samples_per_s=sum(r["samples"] for r in window) / seconds,
@@ -101,5 +107,6 @@ def summarise(records: list[dict], warmup: int) -> dict:
         tiles_per_sample=sum(r["tiles"] for r in window) / sum(r["samples"] for r in window),
         max_allocated_gib=max((r["max_allocated"] or 0) for r in records) / 2**30,
         max_reserved_gib=max((r["max_reserved"] or 0) for r in records) / 2**30,
-        first_loss=records[0]["loss"], seconds=seconds,
-    )  # fmt: skip
+        first_loss=records[0]["loss"],
+        seconds=seconds,
+    )

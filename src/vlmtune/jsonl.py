@@ -62,8 +62,13 @@ def iter_jsonl(path: Path) -> Iterator[Line]:
         except UnicodeDecodeError as exc:
             if not raw.strip():
                 continue
-            yield Line(where, lineno, error=JsonlError("not_utf8", where, f"byte {raw[exc.start]:#04x} at column "
-                                                                          f"{exc.start + 1} is not UTF-8"))  # fmt: skip
+            yield Line(
+                where,
+                lineno,
+                error=JsonlError(
+                    "not_utf8", where, f"byte {raw[exc.start]:#04x} at column {exc.start + 1} is not UTF-8"
+                ),
+            )
             continue
         if not text.strip():
             continue

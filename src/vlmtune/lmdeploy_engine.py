@@ -53,7 +53,9 @@ def tiling(model_dir: Path) -> dict:
         max_tiles=cfg["max_dynamic_patch"],
         tile_size=cfg["force_image_size"],
         thumbnail=cfg["use_thumbnail"],
-        tokens_per_tile=int((cfg["force_image_size"] // vision["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2),
+        tokens_per_tile=int(
+            (cfg["force_image_size"] // vision["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2
+        ),
     )
 
 
@@ -82,7 +84,9 @@ def prompt_ids(model_dir: Path, image, question: str, template_config=None) -> t
     from lmdeploy.vl.model.internvl import InternVLVisionModel
 
     settings = tiling(model_dir)
-    parsed = asyncio.run(MultimodalProcessor.async_parse_multimodal_item(messages(question, image, settings["max_tiles"])))
+    parsed = asyncio.run(
+        MultimodalProcessor.async_parse_multimodal_item(messages(question, image, settings["max_tiles"]))
+    )
     vision = InternVLVisionModel(str(model_dir), trust_remote_code=True)
     vision.build_preprocessor()
     vision.set_mm_feature_dtype(torch.float32)
@@ -97,22 +101,34 @@ class LMDeployEngine:
 
     name = "lmdeploy"
 
-    def __init__(self, model_dir: Path, gen: dict, session_len: int, batch_size: int, backend: str = "pytorch"):
+    def __init__(
+        self, model_dir: Path, gen: dict, session_len: int, batch_size: int, backend: str = "pytorch"
+    ):
         from lmdeploy import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
 
         if backend not in BACKENDS:
-            raise LMDeployError(f"evaluate: unknown LMDeploy back end {backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise LMDeployError(
+                f"evaluate: unknown LMDeploy back end {backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
         self.tiling = tiling(model_dir)
         engine_config = (PytorchEngineConfig if backend == "pytorch" else TurbomindEngineConfig)(
             session_len=session_len, max_batch_size=batch_size
         )
         # trust_remote_code: InternVL2's config and tokenizer are remote code (0.18 defaults to
         # False and then fails on the config); the template is the training one, never guessed.
-        self.pipe = pipeline(str(model_dir), backend_config=engine_config,
-                             chat_template_config=lmdeploy_chat_template(), trust_remote_code=True)  # fmt: skip
-        self.gen_config = GenerationConfig(max_new_tokens=gen["max_new_tokens"], do_sample=gen["do_sample"],
-                                           top_p=gen["top_p"], temperature=gen["temperature"],
-                                           random_seed=gen["seed"])  # fmt: skip
+        self.pipe = pipeline(
+            str(model_dir),
+            backend_config=engine_config,
+            chat_template_config=lmdeploy_chat_template(),
+            trust_remote_code=True,
+        )
+        self.gen_config = GenerationConfig(
+            max_new_tokens=gen["max_new_tokens"],
+            do_sample=gen["do_sample"],
+            top_p=gen["top_p"],
+            temperature=gen["temperature"],
+            random_seed=gen["seed"],
+        )
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
@@ -147,22 +163,35 @@ class LMDeployEngine:
                 raise LMDeployError(f"evaluate: image {path} does not exist")
             with Image.open(path) as img:
                 images.append(img.convert("RGB"))
-        requests = [messages(rec["question"], img, self.tiling["max_tiles"]) for rec, img in zip(batch, images)]
+        requests = [
+            messages(rec["question"], img, self.tiling["max_tiles"]) for rec, img in zip(batch, images)
+        ]
         self.fed.clear()
         responses = self.pipe(requests, gen_config=self.gen_config)
         results = []
         for img, r in zip(images, responses):
             prompt, ids = self.fed.get(id(img), ("", []))
             if not ids:
-                raise LMDeployError("evaluate: LMDeploy built no prompt ids for a request (its request path changed?)")
+                raise LMDeployError(
+                    "evaluate: LMDeploy built no prompt ids for a request (its request path changed?)"
+                )
             n_image_tokens = ids.count(self.img_context_id)
-            results.append(dict(
-                prompt=prompt.replace(IMG_CONTEXT, f"{IMG_CONTEXT}*{n_image_tokens}", 1) if n_image_tokens else prompt,
-                prediction=r.text.strip(), prompt_tokens=len(ids), prompt_ids_digest=ids_digest(ids),
-                image_tokens=n_image_tokens, completion_tokens=r.generate_token_len,
-                completion_ids=[int(t) for t in (r.token_ids or [])], first_token_margin=None,
-                finish_reason=r.finish_reason, engine_backend=self.backend,
-            ))  # fmt: skip
+            results.append(
+                dict(
+                    prompt=prompt.replace(IMG_CONTEXT, f"{IMG_CONTEXT}*{n_image_tokens}", 1)
+                    if n_image_tokens
+                    else prompt,
+                    prediction=r.text.strip(),
+                    prompt_tokens=len(ids),
+                    prompt_ids_digest=ids_digest(ids),
+                    image_tokens=n_image_tokens,
+                    completion_tokens=r.generate_token_len,
+                    completion_ids=[int(t) for t in (r.token_ids or [])],
+                    first_token_margin=None,
+                    finish_reason=r.finish_reason,
+                    engine_backend=self.backend,
+                )
+            )
         return results
 
     def close(self) -> None:

@@ -32,7 +32,9 @@ from .model_builder import xtuner_root
 from .provenance import write_for_merge
 
 # LLM linears that LoRA (target_modules=None: every linear of the LLM) merges into.
-LORA_TARGET = re.compile(r"^language_model\.(model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))|output)\.weight$")
+LORA_TARGET = re.compile(
+    r"^language_model\.(model\.layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))|output)\.weight$"
+)
 PROJECTOR = re.compile(r"^mlp1\.")
 
 
@@ -83,15 +85,19 @@ def check(base: Path, merged: Path, trained: dict) -> dict:
     projector, lora_changed = expected_changes(trained)
     problems = []
     if set(a) != set(b):
-        problems.append(f"tensor names differ: only in base {sorted(set(a) - set(b))[:5]}, "
-                        f"only in merged {sorted(set(b) - set(a))[:5]}")  # fmt: skip
+        problems.append(
+            f"tensor names differ: only in base {sorted(set(a) - set(b))[:5]}, "
+            f"only in merged {sorted(set(b) - set(a))[:5]}"
+        )
     if not projector and not lora_changed:
         problems.append("the checkpoint holds no trained projector and no non-zero LoRA update")
     # Under strict=False, a checkpoint tensor without a counterpart is silently dropped.
     plain = {k for k in trained if ".lora_" not in k}
     unknown = sorted((plain | lora_changed) - set(b))
     if unknown:
-        problems.append(f"{len(unknown)} trained tensor(s) have no counterpart in the model, e.g. {unknown[:3]}")
+        problems.append(
+            f"{len(unknown)} trained tensor(s) have no counterpart in the model, e.g. {unknown[:3]}"
+        )
     changed, not_applied, changed_frozen = [], [], []
     for name in sorted(set(a) & set(b)):
         same_as_base = a[name].shape == b[name].shape and torch.equal(a[name], b[name])
@@ -105,16 +111,28 @@ def check(base: Path, merged: Path, trained: dict) -> dict:
         elif not same_as_base:
             changed_frozen.append(name)
     if not_applied:
-        problems.append(f"{len(not_applied)} trained tensor(s) do not carry the checkpoint's update, "
-                        f"e.g. {not_applied[:3]}: was the checkpoint applied (names drifted?)")  # fmt: skip
+        problems.append(
+            f"{len(not_applied)} trained tensor(s) do not carry the checkpoint's update, "
+            f"e.g. {not_applied[:3]}: was the checkpoint applied (names drifted?)"
+        )
     if changed_frozen:
-        problems.append(f"{len(changed_frozen)} frozen tensor(s) differ from the base, e.g. {changed_frozen[:3]}")
+        problems.append(
+            f"{len(changed_frozen)} frozen tensor(s) differ from the base, e.g. {changed_frozen[:3]}"
+        )
     missing_py = sorted(p.name for p in Path(base).glob("*.py") if not (Path(merged) / p.name).exists())
     if missing_py:
         problems.append(f"base *.py missing from the merged model: {missing_py}")
-    report = dict(tensors=len(b), changed=len(changed), lora_merged=len(lora_changed),
-                  projector=len(projector), not_applied=not_applied, frozen_changed=changed_frozen,
-                  missing_py=missing_py, ok=not problems, problems=problems)  # fmt: skip
+    report = dict(
+        tensors=len(b),
+        changed=len(changed),
+        lora_merged=len(lora_changed),
+        projector=len(projector),
+        not_applied=not_applied,
+        frozen_changed=changed_frozen,
+        missing_py=missing_py,
+        ok=not problems,
+        problems=problems,
+    )
     if problems:
         raise MergeCheckError("; ".join(problems))
     return report
@@ -138,12 +156,21 @@ def answer_one_image(model_dir: Path, max_new_tokens: int = 8) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             # A gradient test card: one 448-px tile, no dataset needed.
             Image.linear_gradient("L").resize((448, 448)).convert("RGB").save(Path(tmp) / "card.png")
-            out = engine.generate([dict(image="card.png", question="<image>\n这张图片里有什么?")], Path(tmp))[0]
+            out = engine.generate([dict(image="card.png", question="<image>\n这张图片里有什么?")], Path(tmp))[
+                0
+            ]
     except Exception as exc:
-        raise MergeCheckError(f"the merged model does not reload and answer an image: {type(exc).__name__}: {exc}") from exc
-    return dict(ok=True, device=engine.device, prompt_tokens=out["prompt_tokens"],
-                completion_tokens=out["completion_tokens"], prediction=out["prediction"],
-                seconds=round(time.time() - start, 2))  # fmt: skip
+        raise MergeCheckError(
+            f"the merged model does not reload and answer an image: {type(exc).__name__}: {exc}"
+        ) from exc
+    return dict(
+        ok=True,
+        device=engine.device,
+        prompt_tokens=out["prompt_tokens"],
+        completion_tokens=out["completion_tokens"],
+        prediction=out["prediction"],
+        seconds=round(time.time() - start, 2),
+    )
 
 
 def merge(config: Path, checkpoint: Path, base: Path, out: Path, report_path: Path | None = None) -> dict:
@@ -190,8 +217,10 @@ def main(argv=None) -> None:
     except MergeCheckError as exc:
         raise SystemExit(f"merge check failed: {exc}") from None
     write_for_merge(a.config, a.train_result, a.base, a.out)  # <out>.provenance.json
-    print(f"[vlmtune.merge] {a.out}: {report['changed']} of {report['tensors']} tensors changed by training, "
-          f"the rest identical to the base; copied {report['copied_py']}")  # fmt: skip
+    print(
+        f"[vlmtune.merge] {a.out}: {report['changed']} of {report['tensors']} tensors changed by training, "
+        f"the rest identical to the base; copied {report['copied_py']}"
+    )
 
 
 if __name__ == "__main__":

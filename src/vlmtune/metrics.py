@@ -143,9 +143,15 @@ def bootstrap_ci(n: int, statistic, resamples: int, seed: int) -> list[float] | 
 
     if n < 2 or resamples < 1:
         return None
-    res = bootstrap((np.arange(n),), lambda idx: statistic(idx.astype(int)), vectorized=False,
-                    n_resamples=resamples, method="percentile", confidence_level=0.95,
-                    random_state=np.random.default_rng(seed))  # fmt: skip
+    res = bootstrap(
+        (np.arange(n),),
+        lambda idx: statistic(idx.astype(int)),
+        vectorized=False,
+        n_resamples=resamples,
+        method="percentile",
+        confidence_level=0.95,
+        random_state=np.random.default_rng(seed),
+    )
     lo, hi = res.confidence_interval
     if math.isnan(lo) or math.isnan(hi):  # a constant statistic
         value = float(statistic(np.arange(n)))
@@ -156,8 +162,9 @@ def bootstrap_ci(n: int, statistic, resamples: int, seed: int) -> list[float] | 
 # ---------------------------------------------------------------- scoring
 
 
-def score_group(rows: list[dict], nll: dict[str, list[dict]] | None, train: set[str] | None,
-                resamples: int, seed: int) -> dict:  # fmt: skip
+def score_group(
+    rows: list[dict], nll: dict[str, list[dict]] | None, train: set[str] | None, resamples: int, seed: int
+) -> dict:
     preds = [r["prediction"] for r in rows]
     refs = [[x["text"] for x in r["references"]] for r in rows]
     n = len(rows)
@@ -170,8 +177,12 @@ def score_group(rows: list[dict], nll: dict[str, list[dict]] | None, train: set[
     out: dict[str, dict] = {}
 
     def put(name, value, statistic, units=n, unit="record"):
-        out[name] = dict(value=float(value) if value is not None else None, n=units, unit=unit,
-                         ci95=bootstrap_ci(units, statistic, resamples, seed) if value is not None else None)  # fmt: skip
+        out[name] = dict(
+            value=float(value) if value is not None else None,
+            n=units,
+            unit=unit,
+            ci95=bootstrap_ci(units, statistic, resamples, seed) if value is not None else None,
+        )
 
     for name in ("bleu", "chrf"):
         of_records = corpus_statistic(name, preds, refs)
@@ -184,7 +195,9 @@ def score_group(rows: list[dict], nll: dict[str, list[dict]] | None, train: set[
     put("distinct_2", distinct(pred_words, 2), lambda i: distinct([pred_words[k] for k in i], 2))
     put("prediction_chars", pred_len.mean(), lambda i: pred_len[i].mean())
     put("reference_chars", ref_len.mean(), lambda i: ref_len[i].mean())
-    out["prediction_chars"].update(median=float(np.median(pred_len)), min=float(pred_len.min()), max=float(pred_len.max()))
+    out["prediction_chars"].update(
+        median=float(np.median(pred_len)), min=float(pred_len.min()), max=float(pred_len.max())
+    )
     put("empty_rate", float((pred_len == 0).mean()), lambda i: (pred_len[i] == 0).mean())
     if train is not None:
         copied = np.array([normalise(p) in train for p in preds], dtype=float)
@@ -195,9 +208,19 @@ def score_group(rows: list[dict], nll: dict[str, list[dict]] | None, train: set[
         per_token = lambda i: sums[i].sum() / toks[i].sum() if toks[i].sum() else float("nan")  # noqa: E731
         value = per_token(np.arange(n)) if toks.sum() else None
         put("reference_nll", value, per_token)
-        put("reference_perplexity", math.exp(value) if value is not None else None, lambda i: math.exp(per_token(i)))
+        put(
+            "reference_perplexity",
+            math.exp(value) if value is not None else None,
+            lambda i: math.exp(per_token(i)),
+        )
         pairs = np.array([p for r in rows for p in preference_pairs(nll[r["id"]])])
-        put("preference_accuracy", pairs.mean() if len(pairs) else None, lambda i: pairs[i].mean(), len(pairs), "pair")
+        put(
+            "preference_accuracy",
+            pairs.mean() if len(pairs) else None,
+            lambda i: pairs[i].mean(),
+            len(pairs),
+            "pair",
+        )
     return out
 
 
@@ -214,11 +237,22 @@ def train_responses(path: Path) -> set[str]:
     with open(path, "rb") as fh:
         is_list = fh.read(64).removeprefix(jsonl.BOM).lstrip().startswith(b"[")
     records = json.loads(Path(path).read_bytes().removeprefix(jsonl.BOM)) if is_list else read_jsonl(path)
-    return {normalise(t["value"]) for rec in records for t in rec.get("conversations", []) if t.get("from") == "gpt"}
+    return {
+        normalise(t["value"])
+        for rec in records
+        for t in rec.get("conversations", [])
+        if t.get("from") == "gpt"
+    }
 
 
-def score(predictions: Path, out: Path, nll_path: Path | None = None, train_path: Path | None = None,
-          resamples: int = 1000, seed: int = 0) -> dict:  # fmt: skip
+def score(
+    predictions: Path,
+    out: Path,
+    nll_path: Path | None = None,
+    train_path: Path | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict:
     rows = read_jsonl(predictions)
     if not rows:
         raise MetricsError(f"{predictions}: no predictions")
@@ -233,20 +267,29 @@ def score(predictions: Path, out: Path, nll_path: Path | None = None, train_path
         nll = {r["id"]: r["references"] for r in read_jsonl(nll_path)}
         lacking = [r["id"] for r in rows if r["id"] not in nll]
         if lacking:
-            raise MetricsError(f"{nll_path}: no reference NLL for records {lacking[:5]} ({len(lacking)} in all)")
+            raise MetricsError(
+                f"{nll_path}: no reference NLL for records {lacking[:5]} ({len(lacking)} in all)"
+            )
     train = train_responses(train_path) if train_path is not None else None
     by_type = defaultdict(list)
     for r in rows:
         by_type[r.get("type") or "unknown"].append(r)
     first = rows[0]
     result = dict(
-        predictions=str(predictions), records=len(rows), model=first.get("model"), engine=first.get("engine"),
-        engine_version=first.get("engine_version"), generation=first.get("generation"),
+        predictions=str(predictions),
+        records=len(rows),
+        model=first.get("model"),
+        engine=first.get("engine"),
+        engine_version=first.get("engine_version"),
+        generation=first.get("generation"),
         bootstrap=dict(resamples=resamples, seed=seed, confidence=0.95, method="percentile"),
         overall=score_group(rows, nll, train, resamples, seed),
-        by_type={t: dict(records=len(g), metrics=score_group(g, nll, train, resamples, seed)) for t, g in sorted(by_type.items())},
+        by_type={
+            t: dict(records=len(g), metrics=score_group(g, nll, train, resamples, seed))
+            for t, g in sorted(by_type.items())
+        },
         libraries={lib: importlib.metadata.version(lib) for lib in LIBRARIES},
-    )  # fmt: skip
+    )
     with atomic_file(out) as fh:
         json.dump(result, fh, ensure_ascii=False, indent=1)
     return result
@@ -266,8 +309,11 @@ def main(argv=None) -> None:
     except MetricsError as exc:
         raise SystemExit(f"metrics: {exc}") from None
     o = res["overall"]
-    print(f"[vlmtune.metrics] {res['records']} records: BLEU {o['bleu']['value']:.2f}, chrF {o['chrf']['value']:.2f}, "
-          f"ROUGE-L {o['rouge_l']['value']:.2f}, CIDEr-D {o['cider_d']['value']:.3f} -> {a.out}")  # fmt: skip
+    print(
+        f"[vlmtune.metrics] {res['records']} records: BLEU {o['bleu']['value']:.2f}, chrF "
+        f"{o['chrf']['value']:.2f}, "
+        f"ROUGE-L {o['rouge_l']['value']:.2f}, CIDEr-D {o['cider_d']['value']:.3f} -> {a.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,26 +31,52 @@ OWN_MODEL_CODE = ["configuration_internvl_chat.py", "modeling_internvl_chat.py"]
 
 # InternLM2 / InternVL2-2B special tokens, in id order at the end of the vocabulary.
 SPECIAL_TAIL = [
-    "<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>",
-    "<|im_end|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>",
-    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
-]  # fmt: skip
+    "<|plugin|>",
+    "<|interpreter|>",
+    "<|action_end|>",
+    "<|action_start|>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
 SPECIAL_HEAD = ["<unk>", "<s>", "</s>"]
 
 PRESETS = {
     "full": dict(
         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-        llm=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                 num_attention_heads=16, num_key_value_heads=8),
-        vocab_size=92553, bpe_vocab=8000, max_dynamic_patch=12,
+        llm=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+        ),
+        vocab_size=92553,
+        bpe_vocab=8000,
+        max_dynamic_patch=12,
     ),
     "tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-        vocab_size=1200, bpe_vocab=1185, max_dynamic_patch=4,
+        llm=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        vocab_size=1200,
+        bpe_vocab=1185,
+        max_dynamic_patch=4,
     ),
-}  # fmt: skip
+}
 
 SYSTEM_PROMPT = "You are an AI assistant whose name is InternLM (书生·浦语)."
 DEFAULT_QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
@@ -89,19 +115,43 @@ def copy_model_code(out: Path) -> list[str]:
 def model_config(preset: str, vocab_size: int) -> dict:
     p = PRESETS[preset]
     vision = dict(
-        architectures=["InternVisionModel"], model_type="intern_vit_6b", image_size=448,
-        patch_size=14, num_channels=3, qkv_bias=True, qk_normalization=False,
-        norm_type="layer_norm", layer_norm_eps=1e-6, hidden_act="gelu", dropout=0.0,
-        drop_path_rate=0.0, attention_dropout=0.0, initializer_range=0.02,
-        initializer_factor=1.0, use_flash_attn=True, **p["vision"],
-    )  # fmt: skip
+        architectures=["InternVisionModel"],
+        model_type="intern_vit_6b",
+        image_size=448,
+        patch_size=14,
+        num_channels=3,
+        qkv_bias=True,
+        qk_normalization=False,
+        norm_type="layer_norm",
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        dropout=0.0,
+        drop_path_rate=0.0,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        initializer_factor=1.0,
+        use_flash_attn=True,
+        **p["vision"],
+    )
     llm = dict(
-        architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=vocab_size,
-        hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-5, bias=False,
-        rope_theta=1000000, rope_scaling={"type": "dynamic", "factor": 2.0},
-        tie_word_embeddings=False, use_cache=True, initializer_range=0.02,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="eager", **p["llm"],
-    )  # fmt: skip
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
+        vocab_size=vocab_size,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        bias=False,
+        rope_theta=1000000,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+        tie_word_embeddings=False,
+        use_cache=True,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        attn_implementation="eager",
+        **p["llm"],
+    )
     return dict(
         architectures=["InternVLChatModel"],
         auto_map={
@@ -109,12 +159,22 @@ def model_config(preset: str, vocab_size: int) -> dict:
             "AutoModel": "modeling_internvl_chat.InternVLChatModel",
             "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
         },
-        model_type="internvl_chat", template="internlm2-chat", torch_dtype="bfloat16",
-        force_image_size=448, downsample_ratio=0.5, dynamic_image_size=True,
-        use_thumbnail=True, ps_version="v2", select_layer=-1, min_dynamic_patch=1,
-        max_dynamic_patch=p["max_dynamic_patch"], use_backbone_lora=0, use_llm_lora=0,
-        vision_config=vision, llm_config=llm,
-    )  # fmt: skip
+        model_type="internvl_chat",
+        template="internlm2-chat",
+        torch_dtype="bfloat16",
+        force_image_size=448,
+        downsample_ratio=0.5,
+        dynamic_image_size=True,
+        use_thumbnail=True,
+        ps_version="v2",
+        select_layer=-1,
+        min_dynamic_patch=1,
+        max_dynamic_patch=p["max_dynamic_patch"],
+        use_backbone_lora=0,
+        use_llm_lora=0,
+        vision_config=vision,
+        llm_config=llm,
+    )
 
 
 def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str]):
@@ -143,7 +203,9 @@ def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str]):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_HEAD + SPECIAL_TAIL])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_HEAD + SPECIAL_TAIL]
+    )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
@@ -198,7 +260,9 @@ def preset_parameter_count(preset: str) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         copy_model_code(Path(tmp))
-        (Path(tmp) / "config.json").write_text(json.dumps(model_config(preset, PRESETS[preset]["vocab_size"])))
+        (Path(tmp) / "config.json").write_text(
+            json.dumps(model_config(preset, PRESETS[preset]["vocab_size"]))
+        )
         config = AutoConfig.from_pretrained(tmp, trust_remote_code=True)
         with torch.device("meta"):
             model = AutoModel.from_config(config, trust_remote_code=True)

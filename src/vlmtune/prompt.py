@@ -38,7 +38,9 @@ def user_text(question: str) -> str:
     return question.replace("<image>", "").strip()
 
 
-def training_prompt(question: str, image: str | None, system: str = SYSTEM_PROMPT, template: dict = TEMPLATE) -> str:
+def training_prompt(
+    question: str, image: str | None, system: str = SYSTEM_PROMPT, template: dict = TEMPLATE
+) -> str:
     """The text XTuner tokenises for one human turn (``image`` from :func:`image_tokens`)."""
     user = user_text(question)
     if image is not None:
@@ -55,4 +57,6 @@ def lmdeploy_chat_template(system: str = SYSTEM_PROMPT, template: dict = TEMPLAT
     """
     from lmdeploy import ChatTemplateConfig
 
-    return ChatTemplateConfig(model_name="base", meta_instruction=system, stop_words=list(STOP_WORDS), **template)
+    return ChatTemplateConfig(
+        model_name="base", meta_instruction=system, stop_words=list(STOP_WORDS), **template
+    )

@@ -70,7 +70,9 @@ def module_closure(*names: str, package: Path = PACKAGE) -> list[Path]:
             continue
         seen.add(name)
         if (package / name).is_dir():
-            files.update(p for p in (package / name).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+            files.update(
+                p for p in (package / name).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            )
             continue
         path = package / f"{name}.py"
         if not path.exists():
@@ -98,7 +100,9 @@ def process_start() -> str | None:
     try:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 (starttime), counted after the ')' of the command
-        boot = next(int(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines() if l.startswith("btime"))
+        boot = next(
+            int(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines() if l.startswith("btime")
+        )
         started = boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
@@ -107,6 +111,7 @@ def process_start() -> str | None:
 
 def git_state(root: Path = ROOT) -> dict:
     """Project commit and whether the work tree differs from it (None outside a checkout)."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
 
@@ -126,9 +131,13 @@ def environment(family: str) -> dict:
 
     pins = family_pins(family)
     names = sorted(set(pins) | {k.lower() for k in FAMILIES[family]["key"]})
-    return dict(family=family, conda_env=FAMILIES[family]["env"], python=platform.python_version(),
-                executable=sys.executable,
-                packages={n: installed_version(n) for n in names})  # fmt: skip
+    return dict(
+        family=family,
+        conda_env=FAMILIES[family]["env"],
+        python=platform.python_version(),
+        executable=sys.executable,
+        packages={n: installed_version(n) for n in names},
+    )
 
 
 def devices() -> dict:
@@ -147,9 +156,12 @@ def read_manifest(folder: Path) -> dict:
     if not path.exists():
         return dict(path=str(folder), manifest=None, note="no manifest.json (not fetched by vlmtune.fetch)")
     m = json.loads(path.read_text(encoding="utf-8"))
-    return dict(path=str(folder), manifest_sha256=sha256(path),
-                **{k: m.get(k) for k in ("kind", "source", "repo_id", "revision", "commit", "local_path")},
-                files=m.get("files", {}))  # fmt: skip
+    return dict(
+        path=str(folder),
+        manifest_sha256=sha256(path),
+        **{k: m.get(k) for k in ("kind", "source", "repo_id", "revision", "commit", "local_path")},
+        files=m.get("files", {}),
+    )
 
 
 def images_of(*record_files: Path) -> set[str]:
@@ -171,16 +183,22 @@ def dataset_used(folder: Path, *record_files: Path) -> dict:
     used = images_of(*record_files)
     known = {p: files[p]["sha256"] for p in sorted(used) if p in files}
     listing = "".join(f"{p} {h}\n" for p, h in known.items())
-    info.update(record_files={p: f["sha256"] for p, f in files.items() if p.endswith((".jsonl", ".json", ".zip"))},
-                images_used=len(used), images_hashed=len(known),
-                images_not_in_manifest=sorted(used - set(known))[:20],
-                images_sha256=hashlib.sha256(listing.encode()).hexdigest())  # fmt: skip
+    info.update(
+        record_files={p: f["sha256"] for p, f in files.items() if p.endswith((".jsonl", ".json", ".zip"))},
+        images_used=len(used),
+        images_hashed=len(known),
+        images_not_in_manifest=sorted(used - set(known))[:20],
+        images_sha256=hashlib.sha256(listing.encode()).hexdigest(),
+    )
     return info
 
 
 def files_of(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and not p.name.startswith(".snakemake")}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): sha256(p)
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and not p.name.startswith(".snakemake")
+    }
 
 
 def secret_values() -> list[str]:
@@ -216,9 +234,14 @@ def xtuner_config_info(config: Path) -> dict:
         return m.group(1).strip().strip("'\"") if m else None
 
     seed = re.search(r"randomness = dict\(seed=(\w+)", text)
-    return dict(path=str(config), sha256=sha256(config), text=text,
-                seed=int(seed.group(1)) if seed and seed.group(1).isdigit() else None,
-                data_path=value("data_path"), image_folder=value("image_folder"))  # fmt: skip
+    return dict(
+        path=str(config),
+        sha256=sha256(config),
+        text=text,
+        seed=int(seed.group(1)) if seed and seed.group(1).isdigit() else None,
+        data_path=value("data_path"),
+        image_folder=value("image_folder"),
+    )
 
 
 def beside_model(out: Path) -> Path:
@@ -239,22 +262,32 @@ def for_merge(config: Path, train_result: Path, base: Path, out: Path) -> dict:
                 converted[f.name] = sha256(f)
     records = [data_path, data_path.parent / "eval.jsonl"] if data_path else []
     return dict(
-        step="merge", output=str(out), started_at=started,
+        step="merge",
+        output=str(out),
+        started_at=started,
         model=read_manifest(base),
         dataset=dataset_used(Path(cfg["image_folder"]), *records) if cfg["image_folder"] else None,
         converted=dict(folder=str(data_path.parent) if data_path else None, files=converted),
-        xtuner_config=cfg, seed=cfg["seed"],
-        training=dict(checkpoint=result.get("checkpoint"), iteration=result.get("iteration"),
-                      optimizer_steps=result.get("optimizer_steps"),
-                      global_batch_size=result.get("global_batch_size"),
-                      gpus=summary.get("gpus"), processes=summary.get("processes", result.get("processes")),
-                      gpu_types=summary.get("gpu_types") or summary.get("gpu_names"),
-                      deepspeed=summary.get("deepspeed"), final_loss=summary.get("final_loss"),
-                      train_result_sha256=sha256(train_result)),
+        xtuner_config=cfg,
+        seed=cfg["seed"],
+        training=dict(
+            checkpoint=result.get("checkpoint"),
+            iteration=result.get("iteration"),
+            optimizer_steps=result.get("optimizer_steps"),
+            global_batch_size=result.get("global_batch_size"),
+            gpus=summary.get("gpus"),
+            processes=summary.get("processes", result.get("processes")),
+            gpu_types=summary.get("gpu_types") or summary.get("gpu_names"),
+            deepspeed=summary.get("deepspeed"),
+            final_loss=summary.get("final_loss"),
+            train_result_sha256=sha256(train_result),
+        ),
         final_loss=summary.get("final_loss"),
-        merged_files=files_of(out), devices=devices(), environment=environment("xtuner"),
+        merged_files=files_of(out),
+        devices=devices(),
+        environment=environment("xtuner"),
         project=git_state(),
-    )  # fmt: skip
+    )
 
 
 def write_for_merge(config: Path, train_result: Path, base: Path, out: Path) -> Path:
@@ -263,27 +296,40 @@ def write_for_merge(config: Path, train_result: Path, base: Path, out: Path) -> 
     return path
 
 
-def write_for_evaluation(model: Path, eval_path: Path, image_folder: Path, predictions: Path,
-                         engine: str, generation: dict) -> Path:  # fmt: skip
+def write_for_evaluation(
+    model: Path, eval_path: Path, image_folder: Path, predictions: Path, engine: str, generation: dict
+) -> Path:
     """``provenance.json`` beside ``predictions`` (called at the end of ``vlmtune.evaluate``)."""
     started = process_start()
     model, predictions = Path(model), Path(predictions)
     rows = read_jsonl(predictions)
     model_record = beside_model(model)
     record = dict(
-        step="evaluate", output=str(predictions), started_at=started, variant=predictions.parent.name,
+        step="evaluate",
+        output=str(predictions),
+        started_at=started,
+        variant=predictions.parent.name,
         model=read_manifest(model) if (model / "manifest.json").exists() else dict(path=str(model)),
-        model_provenance=json.loads(model_record.read_text(encoding="utf-8")) if model_record.exists() else None,
+        model_provenance=json.loads(model_record.read_text(encoding="utf-8"))
+        if model_record.exists()
+        else None,
         dataset=dataset_used(Path(image_folder), eval_path),
         converted=dict(eval=str(eval_path), sha256=sha256(eval_path)),
-        engine=engine, engine_version=rows[0].get("engine_version") if rows else None,
-        generation=generation, seed=generation.get("seed"), records=len(rows),
-        predictions_sha256=sha256(predictions), devices=devices(),
+        engine=engine,
+        engine_version=rows[0].get("engine_version") if rows else None,
+        generation=generation,
+        seed=generation.get("seed"),
+        records=len(rows),
+        predictions_sha256=sha256(predictions),
+        devices=devices(),
         environment=environment("lmdeploy" if engine == "lmdeploy" else "xtuner"),
         project=git_state(),
-    )  # fmt: skip
+    )
     merged = record["model_provenance"] or {}
-    record.update(final_loss=merged.get("final_loss"), xtuner_config_sha256=(merged.get("xtuner_config") or {}).get("sha256"))
+    record.update(
+        final_loss=merged.get("final_loss"),
+        xtuner_config_sha256=(merged.get("xtuner_config") or {}).get("sha256"),
+    )
     path = predictions.parent / "provenance.json"
     write(path, record)
     return path

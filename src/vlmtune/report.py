@@ -36,28 +36,45 @@ METRICS = [
     ("prediction_chars", "output length (characters)", None),
     ("reference_chars", "reference length (characters)", None),
 ]
-SUMMARY = ["bleu", "chrf", "rouge_l", "cider_d", "distinct_2", "reference_nll", "preference_accuracy", "prediction_chars"]
+SUMMARY = [
+    "bleu",
+    "chrf",
+    "rouge_l",
+    "cider_d",
+    "distinct_2",
+    "reference_nll",
+    "preference_accuracy",
+    "prediction_chars",
+]
 THUMBNAIL = 256
 # CJK fonts first (the records are Chinese): Noto Sans CJK comes with the system packages of the
 # tests (.ci/apt-packages.txt: fonts-noto-cjk); the others are their names on macOS/Windows.
-FONTS = ['"Noto Sans CJK SC"', '"Source Han Sans SC"', '"PingFang SC"', '"Microsoft YaHei"', '"WenQuanYi Micro Hei"',
-         "system-ui", "sans-serif"]  # fmt: skip
+FONTS = [
+    '"Noto Sans CJK SC"',
+    '"Source Han Sans SC"',
+    '"PingFang SC"',
+    '"Microsoft YaHei"',
+    '"WenQuanYi Micro Hei"',
+    "system-ui",
+    "sans-serif",
+]
 # The delta's precision: a difference that rounds to zero there is neutral, not better or worse.
 DELTA_DIGITS = 3
 
 CSS = """
-body{font-family:%s;margin:24px;color:#222;background:#fafafa}
+body{font-family:FONTS;margin:24px;color:#222;background:#fafafa}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px}
 table{border-collapse:collapse;background:#fff}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#eef}
 .ci{color:#777;font-size:12px}.better{color:#08702a;font-weight:bold}.worse{color:#b00020;font-weight:bold}
 .cards{display:flex;flex-wrap:wrap;gap:12px}
 .card{background:#fff;border:1px solid #ccc;border-radius:6px;padding:10px;width:420px;display:flex;gap:10px}
-.card img{width:160px;height:auto;max-height:220px;object-fit:contain;border:1px solid #ddd;align-self:flex-start}
+.card img{width:160px;height:auto;max-height:220px;object-fit:contain;border:1px solid #ddd;\
+align-self:flex-start}
 .card .text{flex:1;font-size:13px;overflow-wrap:anywhere}.label{color:#555;font-weight:bold}
 .out{background:#f3f3ff;padding:3px;margin:2px 0}.refs{margin:2px 0;padding-left:18px}
 .note{background:#fff6d6;border:1px solid #e0c060;padding:6px 10px}
-""" % ",".join(FONTS)
+""".replace("FONTS", ",".join(FONTS))
 # Marks the page once every image has decoded (read by the headless-browser test).
 SCRIPT = """
 window.addEventListener('load', function () {
@@ -98,8 +115,10 @@ def fmt(x, digits=2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-DEMO_NOTE = ("Demo: these outputs come from a tiny model with random weights (vlmtune.model_builder, preset "
-             "tiny), not from InternVL2; the numbers only show that the pipeline runs.")
+DEMO_NOTE = (
+    "Demo: these outputs come from a tiny model with random weights (vlmtune.model_builder, preset "
+    "tiny), not from InternVL2; the numbers only show that the pipeline runs."
+)
 
 
 def is_demo_model(model_dir) -> bool:
@@ -113,8 +132,9 @@ def is_demo_model(model_dir) -> bool:
         return False
     tiny = PRESETS["tiny"]
     return all(
-        all((config.get(f"{part}_config") or {}).get(k) == v for k, v in tiny[part].items()) for part in ("vision", "llm")
-    )  # fmt: skip
+        all((config.get(f"{part}_config") or {}).get(k) == v for k, v in tiny[part].items())
+        for part in ("vision", "llm")
+    )
 
 
 def delta_cell(d: float, higher: bool | None) -> str:
@@ -129,7 +149,9 @@ def delta_cell(d: float, higher: bool | None) -> str:
 def metric_table(metrics: dict[str, dict], variants: list[str]) -> str:
     """Rows: metrics; columns: each variant (value and interval), then the delta last - first."""
     head = "".join(f"<th>{html.escape(v)}</th>" for v in variants)
-    delta_head = f"<th>Δ {html.escape(variants[-1])} − {html.escape(variants[0])}</th>" if len(variants) > 1 else ""
+    delta_head = (
+        f"<th>Δ {html.escape(variants[-1])} − {html.escape(variants[0])}</th>" if len(variants) > 1 else ""
+    )
     rows = []
     for key, label, higher in METRICS:
         cells = [metrics[v].get(key) for v in variants]
@@ -156,20 +178,31 @@ def metric_table(metrics: dict[str, dict], variants: list[str]) -> str:
 
 def card(rec: dict, outputs: dict[str, str | None], image_uri: str | None) -> str:
     refs = "".join(
-        f"<li>{html.escape(r['text'])}" + (f" <span class=\"ci\">★{r['star']}</span>" if r.get("star") is not None else "") + "</li>"
+        f"<li>{html.escape(r['text'])}"
+        + (f' <span class="ci">★{r["star"]}</span>' if r.get("star") is not None else "")
+        + "</li>"
         for r in rec["references"]
-    )  # fmt: skip
+    )
     outs = "".join(
-        f'<div class="label">{html.escape(v)}</div><div class="out">{html.escape(o) if o is not None else "–"}</div>'
+        f'<div class="label">{html.escape(v)}</div><div '
+        f'class="out">{html.escape(o) if o is not None else "–"}</div>'
         for v, o in outputs.items()
-    )  # fmt: skip
-    img = f'<img alt="{html.escape(rec["image"])}" src="{image_uri}">' if image_uri else "<div>(image missing)</div>"
-    return (f'<div class="card">{img}<div class="text"><div class="label">{html.escape(str(rec["id"]))} · '
-            f'{html.escape(str(rec.get("type")))}</div><div>{html.escape(rec["question"])}</div>'
-            f'<div class="label">references</div><ul class="refs">{refs}</ul>{outs}</div></div>')  # fmt: skip
+    )
+    img = (
+        f'<img alt="{html.escape(rec["image"])}" src="{image_uri}">'
+        if image_uri
+        else "<div>(image missing)</div>"
+    )
+    return (
+        f'<div class="card">{img}<div class="text"><div class="label">{html.escape(str(rec["id"]))} · '
+        f"{html.escape(str(rec.get('type')))}</div><div>{html.escape(rec['question'])}</div>"
+        f'<div class="label">references</div><ul class="refs">{refs}</ul>{outs}</div></div>'
+    )
 
 
-def render_html(run: str, variants: dict[str, tuple[list[dict], dict]], image_folder: Path, max_cards: int) -> str:
+def render_html(
+    run: str, variants: dict[str, tuple[list[dict], dict]], image_folder: Path, max_cards: int
+) -> str:
     names = list(variants)
     first_rows, first_metrics = variants[names[0]]
     overall = {v: variants[v][1]["overall"] for v in names}
@@ -178,18 +211,23 @@ def render_html(run: str, variants: dict[str, tuple[list[dict], dict]], image_fo
     if models and all(m and is_demo_model(m) for m in models):
         parts.append(f'<p class="note">{html.escape(DEMO_NOTE)}</p>')
     m = first_metrics
-    parts.append(f"<p>{m['records']} held-out records; engine {html.escape(str(m.get('engine')))} "
-                 f"{html.escape(str(m.get('engine_version')))}; generation {html.escape(json.dumps(m.get('generation')))}; "
-                 f"95% percentile bootstrap intervals over records ({m['bootstrap']['resamples']} resamples).</p>")  # fmt: skip
+    parts.append(
+        f"<p>{m['records']} held-out records; engine {html.escape(str(m.get('engine')))} "
+        f"{html.escape(str(m.get('engine_version')))}; generation "
+        f"{html.escape(json.dumps(m.get('generation')))}; "
+        f"95% percentile bootstrap intervals over records ({m['bootstrap']['resamples']} resamples).</p>"
+    )
     parts.append("<h2>All records</h2>" + metric_table(overall, names))
     types = sorted({t for v in names for t in variants[v][1]["by_type"]})
     for t in types:
         per = {v: variants[v][1]["by_type"].get(t, {}).get("metrics", {}) for v in names}
         n = max(variants[v][1]["by_type"].get(t, {}).get("records", 0) for v in names)
-        parts.append(f"<h2>Type {html.escape(t)} ({n} record{'s' if n != 1 else ''})</h2>" + metric_table(per, names))
+        parts.append(
+            f"<h2>Type {html.escape(t)} ({n} record{'s' if n != 1 else ''})</h2>" + metric_table(per, names)
+        )
     by_id = {v: {r["id"]: r for r in variants[v][0]} for v in names}
     shown = first_rows[:max_cards]
-    parts.append(f"<h2>Outputs ({len(shown)} of {len(first_rows)} records)</h2><div class=\"cards\">")
+    parts.append(f'<h2>Outputs ({len(shown)} of {len(first_rows)} records)</h2><div class="cards">')
     uris: dict[str, str | None] = {}
     for rec in shown:
         if rec["image"] not in uris:
@@ -198,8 +236,11 @@ def render_html(run: str, variants: dict[str, tuple[list[dict], dict]], image_fo
         outputs = {v: (by_id[v].get(rec["id"]) or {}).get("prediction") for v in names}
         parts.append(card(rec, outputs, uris[rec["image"]]))
     parts.append("</div>")
-    return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>vlmtune evaluation: {html.escape(run)}</title>'
-            f"<style>{CSS}</style><script>{SCRIPT}</script></head><body>{''.join(parts)}</body></html>\n")  # fmt: skip
+    return (
+        '<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8">'
+        f"<title>vlmtune evaluation: {html.escape(run)}</title>"
+        f"<style>{CSS}</style><script>{SCRIPT}</script></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def render_png(variants: dict[str, tuple[list[dict], dict]], out: Path) -> None:
@@ -210,7 +251,11 @@ def render_png(variants: dict[str, tuple[list[dict], dict]], out: Path) -> None:
 
     labels = {k: label for k, label, _ in METRICS}
     names = list(variants)
-    keys = [k for k in SUMMARY if any(variants[v][1]["overall"].get(k, {}).get("value") is not None for v in names)]
+    keys = [
+        k
+        for k in SUMMARY
+        if any(variants[v][1]["overall"].get(k, {}).get("value") is not None for v in names)
+    ]
     cols = 4
     rows = max(1, -(-len(keys) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
@@ -235,7 +280,14 @@ def render_png(variants: dict[str, tuple[list[dict], dict]], out: Path) -> None:
     plt.close(fig)
 
 
-def build(run: str, variant_dirs: dict[str, Path], image_folder: Path, html_out: Path, png_out: Path, max_cards: int = 60) -> None:
+def build(
+    run: str,
+    variant_dirs: dict[str, Path],
+    image_folder: Path,
+    html_out: Path,
+    png_out: Path,
+    max_cards: int = 60,
+) -> None:
     if not variant_dirs:
         raise ReportError("report: no --variant given")
     variants = {name: read_variant(folder) for name, folder in variant_dirs.items()}
@@ -247,8 +299,14 @@ def build(run: str, variant_dirs: dict[str, Path], image_folder: Path, html_out:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="")
-    ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "FOLDER"), required=True,
-                    help="a model's evaluation folder (predictions.jsonl, metrics.json); the first is the baseline")  # fmt: skip
+    ap.add_argument(
+        "--variant",
+        nargs=2,
+        action="append",
+        metavar=("NAME", "FOLDER"),
+        required=True,
+        help="a model's evaluation folder (predictions.jsonl, metrics.json); the first is the baseline",
+    )
     ap.add_argument("--image-folder", required=True, type=Path)
     ap.add_argument("--max-cards", type=int, default=60)
     ap.add_argument("--html", required=True, type=Path)

@@ -82,8 +82,12 @@ def _selective_forward(lm: torch.nn.Module, original):
         hidden = outputs[0]
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
         logits = lm.get_output_embeddings()(selected).float()
-        return CausalLMOutputWithPast(logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
+        return CausalLMOutputWithPast(
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     return forward
 
@@ -171,7 +175,9 @@ def apply_fused_norm(model: torch.nn.Module, compile: bool = True) -> dict:
     for module in model.modules():
         name = type(module).__name__
         if name == "InternLM2RMSNorm":
-            module.forward = types.MethodType(lambda self, x: norm(x, self.weight, self.variance_epsilon), module)
+            module.forward = types.MethodType(
+                lambda self, x: norm(x, self.weight, self.variance_epsilon), module
+            )
             done["rms_norm"] += 1
         elif name == "InternLM2MLP" and isinstance(module.act_fn, torch.nn.SiLU):
             module.forward = types.MethodType(lambda self, x: self.w2(mlp(self.w1(x), self.w3(x))), module)
@@ -197,7 +203,15 @@ def apply(xtuner_model, settings: dict) -> dict:
 
 
 # ---------------------------------------------------------------- benchmark hook
-CATEGORIES = ("GEMM", "attention", "4-bit dequantize", "element-wise", "casts/copies", "optimizer", "communication")
+CATEGORIES = (
+    "GEMM",
+    "attention",
+    "4-bit dequantize",
+    "element-wise",
+    "casts/copies",
+    "optimizer",
+    "communication",
+)
 
 
 def kernel_category(name: str) -> str:
@@ -208,8 +222,26 @@ def kernel_category(name: str) -> str:
         return "communication"
     if "dequant" in n:
         return "4-bit dequantize"
-    if any(k in n for k in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk", "sm90_", "sm80_",
-                            "ampere_", "hopper_", "s16816", "s1688", "wgmma")):  # fmt: skip
+    if any(
+        k in n
+        for k in (
+            "gemm",
+            "gemv",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "cublas",
+            "matmul",
+            "splitk",
+            "sm90_",
+            "sm80_",
+            "ampere_",
+            "hopper_",
+            "s16816",
+            "s1688",
+            "wgmma",
+        )
+    ):
         return "GEMM"
     if any(k in n for k in ("multi_tensor", "adam", "foreach", "optimizer", "lamb")):
         return "optimizer"
@@ -245,8 +277,14 @@ def summarise_profile(prof, wall_s: float, iterations: int) -> dict:
     busy /= 1e6
     shares = {c: t / wall_s for c, t in by_cat.items()}
     shares["idle"] = max(0.0, wall_s - busy) / wall_s
-    return dict(wall_s=wall_s, iterations=iterations, busy_s=busy, seconds=by_cat, share=shares,
-                top_kernels=sorted(([k, v] for k, v in top.items()), key=lambda kv: -kv[1])[:25])  # fmt: skip
+    return dict(
+        wall_s=wall_s,
+        iterations=iterations,
+        busy_s=busy,
+        seconds=by_cat,
+        share=shares,
+        top_kernels=sorted(([k, v] for k, v in top.items()), key=lambda kv: -kv[1])[:25],
+    )
 
 
 def bench_hook_class():
@@ -269,8 +307,9 @@ def bench_hook_class():
         def before_train_iter(self, runner, batch_idx, data_batch=None):
             if count and runner.iter + 1 == start and get_rank() == 0 and torch.cuda.is_available():
                 torch.cuda.synchronize()
-                self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+                self._prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
                 self._prof.__enter__()
                 self._prof_t0 = time.perf_counter()
             super().before_train_iter(runner, batch_idx, data_batch)
@@ -281,7 +320,12 @@ def bench_hook_class():
                 return
             labels = data_batch["data"]["labels"]
             with Path(runner.work_dir, "labels.jsonl").open("a") as fh:
-                fh.write(json.dumps(dict(iteration=runner.iter + 1, labelled=int((labels[:, 1:] != IGNORE_INDEX).sum()))) + "\n")
+                fh.write(
+                    json.dumps(
+                        dict(iteration=runner.iter + 1, labelled=int((labels[:, 1:] != IGNORE_INDEX).sum()))
+                    )
+                    + "\n"
+                )
             if self._prof is not None and runner.iter + 1 == start + count - 1:
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - self._prof_t0

@@ -41,9 +41,16 @@ def checkpoint_iteration(path: Path) -> int:
     return int(match.group(1))
 
 
-def command(config: Path, work_dir: Path, nproc: int, deepspeed: str | None,
-            resume: Path | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None,
-            node_rank: int | None = None) -> list[str]:  # fmt: skip
+def command(
+    config: Path,
+    work_dir: Path,
+    nproc: int,
+    deepspeed: str | None,
+    resume: Path | None = None,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    node_rank: int | None = None,
+) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes > 1:
         if not rdzv_endpoint:
@@ -53,8 +60,16 @@ def command(config: Path, work_dir: Path, nproc: int, deepspeed: str | None,
             cmd += [f"--node-rank={node_rank}"]
     else:
         cmd += ["--standalone", "--nnodes=1"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "vlmtune.xtuner_main", str(config),
-            "--work-dir", str(work_dir), "--launcher", "pytorch"]  # fmt: skip
+    cmd += [
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "vlmtune.xtuner_main",
+        str(config),
+        "--work-dir",
+        str(work_dir),
+        "--launcher",
+        "pytorch",
+    ]
     if deepspeed and deepspeed != "none":
         cmd += ["--deepspeed", f"deepspeed_{deepspeed}"]
     if resume is not None:
@@ -103,15 +118,20 @@ def claim_work_dir(work_dir: Path, config: Path, inputs: list[Path] = ()) -> Non
             if old.exists():
                 shutil.rmtree(old)
             os.replace(work_dir, old)
-            print(f"[vlmtune.train] the config or its inputs changed: previous checkpoints moved to {old}", flush=True)
+            print(
+                f"[vlmtune.train] the config or its inputs changed: previous checkpoints moved to {old}",
+                flush=True,
+            )
     work_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest + "\n")
 
 
 # Each node's srun task announces itself before it becomes that node's torchrun, so the job's
 # log shows which host ran which node's processes (with srun --label: "<task>: ...").
-NODE_BANNER = ('echo "[vlmtune.train] node $(hostname) (Slurm node ${SLURMD_NODENAME:-?}, '
-               'index ${SLURM_NODEID:-?}) starts torchrun"; exec "$@"')  # fmt: skip
+NODE_BANNER = (
+    'echo "[vlmtune.train] node $(hostname) (Slurm node ${SLURMD_NODENAME:-?}, '
+    'index ${SLURM_NODEID:-?}) starts torchrun"; exec "$@"'
+)
 
 
 def rendezvous_port(job_id: str | None = None, base: int = 29500) -> int:
@@ -124,23 +144,36 @@ def rendezvous_port(job_id: str | None = None, base: int = 29500) -> int:
 # What an `srun` inside a step keeps of the step's environment: the job's identity only. The
 # rest describes the step the workflow runs in (the Slurm executor's `srun -n1`, one node),
 # and srun would take it for the allocation ("Only allocated 1 nodes asked for 2").
-SLURM_IDENTITY = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME", "SLURM_CONF", "SLURM_SUBMIT_DIR", "SLURM_SUBMIT_HOST"}
+SLURM_IDENTITY = {
+    "SLURM_JOB_ID",
+    "SLURM_JOBID",
+    "SLURM_CLUSTER_NAME",
+    "SLURM_CONF",
+    "SLURM_SUBMIT_DIR",
+    "SLURM_SUBMIT_HOST",
+}
 
 
 def job_hosts(job_id: str) -> list[str]:
     """The hosts of the whole job, from the controller: inside the executor's step,
     SLURM_JOB_NODELIST names only the step's node."""
-    record = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+    record = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True
+    ).stdout
     nodelist = re.search(r"(?:^|\s)NodeList=(\S+)", record)
     if not nodelist or nodelist.group(1) == "(null)":
         raise SystemExit(f"Slurm job {job_id} has no node list yet: {record.strip()}")
-    return subprocess.run(["scontrol", "show", "hostnames", nodelist.group(1)], capture_output=True,
-                          text=True, check=True).stdout.split()  # fmt: skip
+    return subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist.group(1)], capture_output=True, text=True, check=True
+    ).stdout.split()
 
 
 def srun_env(env: dict) -> dict:
-    return {k: v for k, v in env.items()
-            if not (k.startswith(("SRUN_", "SBATCH_")) or (k.startswith("SLURM_") and k not in SLURM_IDENTITY))}  # fmt: skip
+    return {
+        k: v
+        for k, v in env.items()
+        if not (k.startswith(("SRUN_", "SBATCH_")) or (k.startswith("SLURM_") and k not in SLURM_IDENTITY))
+    }
 
 
 def slurm_launch(nodes: int, port: int | None = None) -> tuple[list[str], str]:
@@ -151,21 +184,44 @@ def slurm_launch(nodes: int, port: int | None = None) -> tuple[list[str], str]:
     job's allocation."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
-        raise SystemExit(f"train.nodes is {nodes}: multi-node training runs inside a Slurm job "
-                         "(--profile profiles/slurm); SLURM_JOB_ID is not set")  # fmt: skip
+        raise SystemExit(
+            f"train.nodes is {nodes}: multi-node training runs inside a Slurm job "
+            "(--profile profiles/slurm); SLURM_JOB_ID is not set"
+        )
     hosts = job_hosts(job_id)
     if len(hosts) < nodes:
         raise SystemExit(f"train.nodes is {nodes} but the Slurm job holds {len(hosts)} node(s): {hosts}")
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    srun = ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
-            *([f"--cpus-per-task={cpus}"] if cpus else []), "--kill-on-bad-exit=1", "--label",
-            "sh", "-c", NODE_BANNER, "vlmtune-node"]  # fmt: skip
+    srun = [
+        "srun",
+        "--overlap",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        *([f"--cpus-per-task={cpus}"] if cpus else []),
+        "--kill-on-bad-exit=1",
+        "--label",
+        "sh",
+        "-c",
+        NODE_BANNER,
+        "vlmtune-node",
+    ]
     return srun, f"{hosts[0]}:{rendezvous_port(job_id) if port is None else port}"
 
 
-def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: int = 1,
-        deepspeed: str | None = None, plan: Path | None = None, summary: Path | None = None,
-        curves: Path | None = None, nodes: int = 1, inputs: list[Path] = ()) -> dict:  # fmt: skip
+def run(
+    config: Path,
+    work_dir: Path,
+    result: Path,
+    gpus: int,
+    cpu_processes: int = 1,
+    deepspeed: str | None = None,
+    plan: Path | None = None,
+    summary: Path | None = None,
+    curves: Path | None = None,
+    nodes: int = 1,
+    inputs: list[Path] = (),
+) -> dict:
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, config, [*([plan] if plan else []), *inputs])
     p = json.loads(Path(plan).read_text()) if plan is not None else None
@@ -177,10 +233,13 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
     else:
         cmd = command(config, work_dir, nproc, deepspeed, resume)
     if p is not None:
-        print(f"[vlmtune.train] plan: {p['world_size']} process(es) x batch {p['batch_size']} x "
-              f"accumulation {p['accumulative_counts']} = global batch {p['global_batch_size']}; "
-              f"{p['samples']} samples -> {p['iterations']} iterations "
-              f"({p['warmup_iterations']} warmup)", flush=True)  # fmt: skip
+        print(
+            f"[vlmtune.train] plan: {p['world_size']} process(es) x batch {p['batch_size']} x "
+            f"accumulation {p['accumulative_counts']} = global batch {p['global_batch_size']}; "
+            f"{p['samples']} samples -> {p['iterations']} iterations "
+            f"({p['warmup_iterations']} warmup)",
+            flush=True,
+        )
     if resume is not None:
         print(f"[vlmtune.train] resuming from {resume}", flush=True)
     print("[vlmtune.train] " + " ".join(cmd), flush=True)
@@ -193,26 +252,45 @@ def run(config: Path, work_dir: Path, result: Path, gpus: int, cpu_processes: in
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"training failed with exit status {proc.returncode}; "
-                         f"checkpoints in {work_dir} are kept and the next run resumes from them")  # fmt: skip
+        raise SystemExit(
+            f"training failed with exit status {proc.returncode}; "
+            f"checkpoints in {work_dir} are kept and the next run resumes from them"
+        )
     final = last_checkpoint(work_dir)
     if final is None:
         raise SystemExit(f"training exited 0 but left no checkpoint in {work_dir}")
-    out = dict(checkpoint=str(final.resolve()), iteration=checkpoint_iteration(final),
-               work_dir=str(work_dir.resolve()), resumed_from=str(resume) if resume else None)  # fmt: skip
+    out = dict(
+        checkpoint=str(final.resolve()),
+        iteration=checkpoint_iteration(final),
+        work_dir=str(work_dir.resolve()),
+        resumed_from=str(resume) if resume else None,
+    )
     if p is not None:
         # XTuner counts micro-batch iterations: with accumulation (which global_batch_size
         # adjusts to the process count) the comparable figure is the optimizer step.
-        out.update(processes=nproc * nodes, nodes=nodes, global_batch_size=p["global_batch_size"],
-                   accumulative_counts=p["accumulative_counts"],
-                   optimizer_steps=out["iteration"] // p["accumulative_counts"])  # fmt: skip
+        out.update(
+            processes=nproc * nodes,
+            nodes=nodes,
+            global_batch_size=p["global_batch_size"],
+            accumulative_counts=p["accumulative_counts"],
+            optimizer_steps=out["iteration"] // p["accumulative_counts"],
+        )
     if summary is not None and curves is not None:
         from .telemetry import write
 
-        out["summary"] = write(work_dir, summary, curves, extra=dict(
-            gpus=gpus, processes=nproc * nodes, nodes=nodes, deepspeed=deepspeed,
-            gpu_types=gpu_types(gpus),
-            plan=p))  # fmt: skip
+        out["summary"] = write(
+            work_dir,
+            summary,
+            curves,
+            extra=dict(
+                gpus=gpus,
+                processes=nproc * nodes,
+                nodes=nodes,
+                deepspeed=deepspeed,
+                gpu_types=gpu_types(gpus),
+                plan=p,
+            ),
+        )
     write_json(result, out)
     return out
 
@@ -228,13 +306,32 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", type=int, default=0)
     ap.add_argument("--nodes", type=int, default=1, help="> 1: one torchrun per node of the Slurm job")
     ap.add_argument("--cpu-processes", type=int, default=1)
-    ap.add_argument("--inputs", type=Path, nargs="*", default=[],
-                    help="training data file and model folder: checkpoints of other content are not resumed")
-    ap.add_argument("--deepspeed", default="none",
-                    choices=["none", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"])  # fmt: skip
+    ap.add_argument(
+        "--inputs",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="training data file and model folder: checkpoints of other content are not resumed",
+    )
+    ap.add_argument(
+        "--deepspeed",
+        default="none",
+        choices=["none", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"],
+    )
     a = ap.parse_args(argv)
-    out = run(a.config, a.work_dir, a.result, a.gpus, a.cpu_processes, a.deepspeed, a.plan, a.summary, a.curves, a.nodes,
-              a.inputs)
+    out = run(
+        a.config,
+        a.work_dir,
+        a.result,
+        a.gpus,
+        a.cpu_processes,
+        a.deepspeed,
+        a.plan,
+        a.summary,
+        a.curves,
+        a.nodes,
+        a.inputs,
+    )
     print(f"[vlmtune.train] done: iteration {out['iteration']}, checkpoint {out['checkpoint']}")
 
 

@@ -54,13 +54,20 @@ def model_tiling(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
     try:
-        tiling = {"min_num": cfg["min_dynamic_patch"], "max_num": cfg["max_dynamic_patch"],
-                      "image_size": cfg["force_image_size"], "use_thumbnail": bool(cfg["use_thumbnail"]),
-                      "downsample_ratio": cfg["downsample_ratio"], "patch_size": cfg["vision_config"]["patch_size"],
-                      "architecture": cfg["llm_config"]["architectures"][0]}  # fmt: skip
+        tiling = {
+            "min_num": cfg["min_dynamic_patch"],
+            "max_num": cfg["max_dynamic_patch"],
+            "image_size": cfg["force_image_size"],
+            "use_thumbnail": bool(cfg["use_thumbnail"]),
+            "downsample_ratio": cfg["downsample_ratio"],
+            "patch_size": cfg["vision_config"]["patch_size"],
+            "architecture": cfg["llm_config"]["architectures"][0],
+        }
     except KeyError as exc:
         raise ValidationError(f"{path}: no {exc.args[0]!r}: not an InternVL chat model config") from None
-    tiling["tokens_per_tile"] = int((tiling["image_size"] // tiling["patch_size"]) ** 2 * tiling["downsample_ratio"] ** 2)
+    tiling["tokens_per_tile"] = int(
+        (tiling["image_size"] // tiling["patch_size"]) ** 2 * tiling["downsample_ratio"] ** 2
+    )
     return tiling
 
 
@@ -82,8 +89,15 @@ def tile_count(width: int, height: int, tiling: dict) -> int:
     """Tiles XTuner cuts an image of this size into (its own aspect-ratio rule, thumbnail included)."""
     from xtuner.dataset.internvl_dataset import dynamic_preprocess
 
-    return len(dynamic_preprocess(_SizeOnly((width, height)), tiling["min_num"], tiling["max_num"],
-                                  tiling["image_size"], tiling["use_thumbnail"]))  # fmt: skip
+    return len(
+        dynamic_preprocess(
+            _SizeOnly((width, height)),
+            tiling["min_num"],
+            tiling["max_num"],
+            tiling["image_size"],
+            tiling["use_thumbnail"],
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- token lengths
@@ -190,9 +204,15 @@ def plot(lengths: list[int], max_length: int, out: Path) -> None:
 # ---------------------------------------------------------------------------- the step
 
 
-def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_length: int,
-             on_too_long: str = "drop", on_bad_image: str = "skip", workers: int = 2,
-             ) -> tuple[list[dict], dict, list[int]]:  # fmt: skip
+def validate(
+    samples: list[dict],
+    image_folder: Path,
+    model_dir: Path,
+    max_length: int,
+    on_too_long: str = "drop",
+    on_bad_image: str = "skip",
+    workers: int = 2,
+) -> tuple[list[dict], dict, list[int]]:
     """Return (samples to train on, report, every checked sample's token length). Raises
     ValidationError where the policy is ``error``."""
     tiling = model_tiling(model_dir)
@@ -205,15 +225,21 @@ def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_lengt
         if isinstance(got, str):
             bad_images.setdefault(s["image"], {"error": got, "sample_ids": []})["sample_ids"].append(s["id"])
         elif tuple(got) != (s["width"], s["height"]):
-            size_mismatch.setdefault(s["image"], {"decoded": list(got), "recorded": [s["width"], s["height"]]})
+            size_mismatch.setdefault(
+                s["image"], {"decoded": list(got), "recorded": [s["width"], s["height"]]}
+            )
     if bad_images and on_bad_image == "error":
         name, info = next(iter(bad_images.items()))
-        raise ValidationError(f"{Path(image_folder) / name}: does not decode ({info['error']}); "
-                              f"used by sample ids {info['sample_ids'][:10]}")  # fmt: skip
+        raise ValidationError(
+            f"{Path(image_folder) / name}: does not decode ({info['error']}); "
+            f"used by sample ids {info['sample_ids'][:10]}"
+        )
     if size_mismatch:
         name, info = next(iter(size_mismatch.items()))
-        raise ValidationError(f"{Path(image_folder) / name}: decodes to {info['decoded']} but the conversion "
-                              f"recorded {info['recorded']}: reconvert ({len(size_mismatch)} images differ)")  # fmt: skip
+        raise ValidationError(
+            f"{Path(image_folder) / name}: decodes to {info['decoded']} but the conversion "
+            f"recorded {info['recorded']}: reconvert ({len(size_mismatch)} images differ)"
+        )
 
     count = TokenLength(model_dir, tiling)
     tiles_of = {}
@@ -227,21 +253,27 @@ def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_lengt
         length = count(s["conversations"], tiles_of[s["image"]])
         lengths.append(length)
         if length > max_length:
-            too_long.append({"id": s["id"], "image": s["image"], "tokens": length, "tiles": tiles_of[s["image"]]})
+            too_long.append(
+                {"id": s["id"], "image": s["image"], "tokens": length, "tiles": tiles_of[s["image"]]}
+            )
             if on_too_long == "drop":
                 continue
         kept.append(s)
     if too_long and on_too_long == "error":
         first = too_long[0]
-        raise ValidationError(f"sample id {first['id']} ({first['image']}) is {first['tokens']} tokens, over "
-                              f"max_length {max_length}; {len(too_long)} samples are (validation.on_too_long)")  # fmt: skip
+        raise ValidationError(
+            f"sample id {first['id']} ({first['image']}) is {first['tokens']} tokens, over "
+            f"max_length {max_length}; {len(too_long)} samples are (validation.on_too_long)"
+        )
 
     # The one-token shortcut, checked against the full expansion on the sample with most tiles.
     if samples and tiles_of:
         probe = max((s for s in samples if s["image"] in tiles_of), key=lambda s: tiles_of[s["image"]])
         full = count(probe["conversations"], tiles_of[probe["image"]], expand=True)
         if full != count(probe["conversations"], tiles_of[probe["image"]]):
-            raise AssertionError(f"token count shortcut disagrees with the full expansion on sample {probe['id']}")
+            raise AssertionError(
+                f"token count shortcut disagrees with the full expansion on sample {probe['id']}"
+            )
 
     ordered = sorted(lengths)
     n_bad = sum(len(v["sample_ids"]) for v in bad_images.values())
@@ -254,7 +286,9 @@ def validate(samples: list[dict], image_folder: Path, model_dir: Path, max_lengt
         "too_long_samples": too_long,
         "bad_images": bad_images,
         "images_checked": len(images),
-        "model": {k: tiling[k] for k in ("min_num", "max_num", "image_size", "use_thumbnail", "tokens_per_tile")},
+        "model": {
+            k: tiling[k] for k in ("min_num", "max_num", "image_size", "use_thumbnail", "tokens_per_tile")
+        },
         "tiles_per_image": {str(k): v for k, v in sorted(Counter(tiles_of.values()).items())},
         "token_length": {
             "max_length": max_length,
@@ -279,15 +313,19 @@ def check_eval_images(records: list[dict], image_folder: Path, workers: int = 2)
     for name, got in decode_all(Path(image_folder), images, workers).items():
         if isinstance(got, str):
             ids = [r["id"] for r in records if r["image"] == name]
-            raise ValidationError(f"{Path(image_folder) / name}: held-out image does not decode ({got}); "
-                                  f"used by eval records {ids[:10]}: replace the file or reconvert")  # fmt: skip
+            raise ValidationError(
+                f"{Path(image_folder) / name}: held-out image does not decode ({got}); "
+                f"used by eval records {ids[:10]}: replace the file or reconvert"
+            )
     return len(images)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", required=True, type=Path, help="converted samples (.json or .jsonl)")
-    ap.add_argument("--images", required=True, type=Path, help="folder the samples' image paths are relative to")
+    ap.add_argument(
+        "--images", required=True, type=Path, help="folder the samples' image paths are relative to"
+    )
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--max-length", required=True, type=int)
     ap.add_argument("--on-too-long", choices=["drop", "keep", "error"], default="drop")
@@ -300,7 +338,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     try:
         samples = load_samples(a.train)
-        kept, report, lengths = validate(samples, a.images, a.model, a.max_length, a.on_too_long, a.on_bad_image, a.workers)
+        kept, report, lengths = validate(
+            samples, a.images, a.model, a.max_length, a.on_too_long, a.on_bad_image, a.workers
+        )
         if a.eval is not None:
             report["eval_images_checked"] = check_eval_images(load_samples(a.eval), a.images, a.workers)
     except ValidationError as exc:
@@ -309,10 +349,14 @@ def main(argv=None) -> None:
     plot(lengths, a.max_length, a.histogram)
     write_json(a.report, report)
     tl = report["token_length"]
-    print(f"{report['samples_in']} samples, {report['images_checked']} images decoded: {report['samples_out']} kept, "
-          f"{report['dropped_bad_image']} dropped (bad image), {report['too_long']} over max_length {a.max_length} "
-          f"({report['dropped_too_long']} dropped); tokens p50 {tl['percentiles']['p50']}, p99 "
-          f"{tl['percentiles']['p99']}, max {tl['max']}")  # fmt: skip
+    print(
+        f"{report['samples_in']} samples, {report['images_checked']} images decoded: "
+        f"{report['samples_out']} kept, "
+        f"{report['dropped_bad_image']} dropped (bad image), {report['too_long']} over max_length "
+        f"{a.max_length} "
+        f"({report['dropped_too_long']} dropped); tokens p50 {tl['percentiles']['p50']}, p99 "
+        f"{tl['percentiles']['p99']}, max {tl['max']}"
+    )
 
 
 if __name__ == "__main__":

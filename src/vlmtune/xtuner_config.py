@@ -24,18 +24,51 @@ from .atomic import atomic_file, write_json
 
 # The train keys render() reads. The workflow passes only these to render_xtuner_config, so a
 # change to any other train key (resources, deepspeed) does not re-render the config.
-SETTINGS = ("device", "gpus", "nodes", "cpu_processes", "method", "max_length", "batch_size",
-            "accumulative_counts", "global_batch_size", "dataloader_num_workers", "max_epochs",
-            "lr", "betas", "weight_decay", "max_norm", "warmup_ratio", "lora", "save_steps",
-            "save_total_limit", "log_interval", "seed", "max_iters", "attention",
-            "gradient_checkpointing", "group_by_exact_length", "cuda_expandable_segments",
-            "iteration_log", "label_only_head", "qlora_compute_dtype", "fused_norm")  # fmt: skip
+SETTINGS = (
+    "device",
+    "gpus",
+    "nodes",
+    "cpu_processes",
+    "method",
+    "max_length",
+    "batch_size",
+    "accumulative_counts",
+    "global_batch_size",
+    "dataloader_num_workers",
+    "max_epochs",
+    "lr",
+    "betas",
+    "weight_decay",
+    "max_norm",
+    "warmup_ratio",
+    "lora",
+    "save_steps",
+    "save_total_limit",
+    "log_interval",
+    "seed",
+    "max_iters",
+    "attention",
+    "gradient_checkpointing",
+    "group_by_exact_length",
+    "cuda_expandable_segments",
+    "iteration_log",
+    "label_only_head",
+    "qlora_compute_dtype",
+    "fused_norm",
+)
 # Speed levers the launcher (vlmtune.xtuner_main) applies; absent keys keep XTuner's stock behaviour.
-LAUNCHER_LEVERS = dict(attention="eager", gradient_checkpointing=True, group_by_exact_length=False,
-                       cuda_expandable_segments=False, iteration_log=False, label_only_head=False,
-                       qlora_compute_dtype="float16", fused_norm=False)  # fmt: skip
+LAUNCHER_LEVERS = dict(
+    attention="eager",
+    gradient_checkpointing=True,
+    group_by_exact_length=False,
+    cuda_expandable_segments=False,
+    iteration_log=False,
+    label_only_head=False,
+    qlora_compute_dtype="float16",
+    fused_norm=False,
+)
 
-TEMPLATE = Template('''\
+TEMPLATE = Template("""\
 # Rendered by vlmtune.xtuner_config from the workflow config; do not edit (edit the YAML).
 # Based on xtuner 0.2.0 configs/internvl/v2/internvl_v2_internlm2_2b_qlora_finetune.py.
 import torch
@@ -195,20 +228,33 @@ log_processor = dict(by_epoch=False)
 # Read (not executed) by the launcher vlmtune.xtuner_main; XTuner ignores it.
 vlmtune_launcher = $launcher
 $model_wrapper
-''')
+""")
 
 
-def iteration_plan(samples: int, world_size: int, batch_size: int, accumulative_counts: int,
-                   max_epochs: int, warmup_ratio: float) -> dict:  # fmt: skip
+def iteration_plan(
+    samples: int,
+    world_size: int,
+    batch_size: int,
+    accumulative_counts: int,
+    max_epochs: int,
+    warmup_ratio: float,
+) -> dict:
     """XTuner's arithmetic (FIELD-NOTES §2): an epoch is ceil(samples / global batch)
     optimizer steps of ``accumulative_counts`` iterations each."""
     global_batch = batch_size * accumulative_counts * world_size
     iters_per_epoch = math.ceil(samples / global_batch) * accumulative_counts
     warmup_iters = int(warmup_ratio * max_epochs * iters_per_epoch)
-    return dict(samples=samples, world_size=world_size, batch_size=batch_size,
-                accumulative_counts=accumulative_counts, global_batch_size=global_batch,
-                iterations_per_epoch=iters_per_epoch, max_epochs=max_epochs,
-                iterations=iters_per_epoch * max_epochs, warmup_iterations=warmup_iters)  # fmt: skip
+    return dict(
+        samples=samples,
+        world_size=world_size,
+        batch_size=batch_size,
+        accumulative_counts=accumulative_counts,
+        global_batch_size=global_batch,
+        iterations_per_epoch=iters_per_epoch,
+        max_epochs=max_epochs,
+        iterations=iters_per_epoch * max_epochs,
+        warmup_iterations=warmup_iters,
+    )
 
 
 def world_size(train: dict) -> int:
@@ -235,12 +281,22 @@ def accumulation(train: dict) -> int:
 
 def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tuple[str, dict]:
     text = Path(train_json).read_text(encoding="utf-8")  # .json (a list) or .jsonl (XTuner reads both)
-    samples = sum(1 for line in text.splitlines() if line.strip()) if str(train_json).endswith(".jsonl") else len(json.loads(text))
+    samples = (
+        sum(1 for line in text.splitlines() if line.strip())
+        if str(train_json).endswith(".jsonl")
+        else len(json.loads(text))
+    )
     if samples == 0:
         raise ValueError(f"{train_json} holds no training samples")
     cuda = train["device"] == "cuda"
-    plan = iteration_plan(samples, world_size(train), train["batch_size"], accumulation(train),
-                          train["max_epochs"], train["warmup_ratio"])  # fmt: skip
+    plan = iteration_plan(
+        samples,
+        world_size(train),
+        train["batch_size"],
+        accumulation(train),
+        train["max_epochs"],
+        train["warmup_ratio"],
+    )
     if train.get("max_iters"):
         # a fixed number of iterations (benchmarks, smoke runs): the schedule still spans the epoch
         plan["iterations"] = min(plan["iterations"], train["max_iters"])
@@ -249,7 +305,8 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
         raise ValueError(
             f"train.warmup_ratio {train['warmup_ratio']} gives {plan['warmup_iterations']} warmup "
             f"iteration(s) of {plan['iterations_per_epoch'] * plan['max_epochs']}; at least 2 are needed: "
-            f"raise warmup_ratio to >= {2 / (plan['iterations_per_epoch'] * plan['max_epochs']):.3g} or lower the batch"
+            f"raise warmup_ratio to >= {2 / (plan['iterations_per_epoch'] * plan['max_epochs']):.3g} or "
+            "lower the batch"
         )
     lora = train.get("lora", {})
     launcher = {k: train.get(k, default) for k, default in LAUNCHER_LEVERS.items()}
@@ -283,7 +340,10 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
         extra_hooks='\n    dict(type="IterationLogHook"),' if launcher["iteration_log"] else "",
         launcher=repr(launcher),
         # mmengine's default DDP wrapper passes device_ids=[LOCAL_RANK], which CPU modules reject.
-        model_wrapper="" if cuda else 'model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)\n',
+        model_wrapper=""
+        if cuda
+        else 'model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, '
+        "broadcast_buffers=False)\n",
     )
     return TEMPLATE.substitute(values), plan
 

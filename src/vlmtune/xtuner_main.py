@@ -68,8 +68,13 @@ def exact_group_lengths(dataset) -> int:
             continue
         if not item.get("width") or not item.get("height"):
             continue
-        blocks = total_image_token((item["width"], item["height"]), dataset.min_dynamic_patch,
-                                   dataset.max_dynamic_patch, dataset.image_size, False)  # fmt: skip
+        blocks = total_image_token(
+            (item["width"], item["height"]),
+            dataset.min_dynamic_patch,
+            dataset.max_dynamic_patch,
+            dataset.image_size,
+            False,
+        )
         # dynamic_preprocess adds the thumbnail only to images cut into more than one tile
         blocks += 1 if dataset.use_thumbnail and blocks > 1 else 0
         dataset.group_length[i] = dataset.group_length[i] - guess + dataset.patch_token * blocks
@@ -79,7 +84,6 @@ def exact_group_lengths(dataset) -> int:
 
 def install_levers(settings: dict) -> None:
     from mmengine.logging import print_log
-
     from xtuner.dataset import InternVL_V1_5_Dataset
     from xtuner.model import InternVL_V1_5
 
@@ -94,8 +98,11 @@ def install_levers(settings: dict) -> None:
         if not settings["gradient_checkpointing"]:
             self.gradient_checkpointing_disable()
         levers = speed.apply(self, settings)
-        print_log(f"[vlmtune] attention {settings['attention']} {switched}; LLM gradient checkpointing "
-                  f"{'on' if settings['gradient_checkpointing'] else 'off'}; levers {levers}", logger="current")  # fmt: skip
+        print_log(
+            f"[vlmtune] attention {settings['attention']} {switched}; LLM gradient checkpointing "
+            f"{'on' if settings['gradient_checkpointing'] else 'off'}; levers {levers}",
+            logger="current",
+        )
 
     InternVL_V1_5.__init__ = init_model
     if settings["group_by_exact_length"]:
@@ -104,7 +111,9 @@ def install_levers(settings: dict) -> None:
         def init_dataset(self, *args, **kwargs):
             dataset_init(self, *args, **kwargs)
             n = exact_group_lengths(self)
-            print_log(f"[vlmtune] exact image-token lengths for {n} of {len(self.data)} samples", logger="current")
+            print_log(
+                f"[vlmtune] exact image-token lengths for {n} of {len(self.data)} samples", logger="current"
+            )
 
         InternVL_V1_5_Dataset.__init__ = init_dataset
     if settings["iteration_log"]:
@@ -117,7 +126,11 @@ def install_levers(settings: dict) -> None:
 
 
 def main() -> None:
-    settings = launcher_settings(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].endswith(".py") else dict(DEFAULTS)
+    settings = (
+        launcher_settings(sys.argv[1])
+        if len(sys.argv) > 1 and sys.argv[1].endswith(".py")
+        else dict(DEFAULTS)
+    )
     if settings["cuda_expandable_segments"]:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -128,7 +141,9 @@ def main() -> None:
     elif os.environ.get("VLMTUNE_CUDA_MEMORY_GIB"):
         device = int(os.environ.get("LOCAL_RANK", 0))
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, float(os.environ["VLMTUNE_CUDA_MEMORY_GIB"]) * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, float(os.environ["VLMTUNE_CUDA_MEMORY_GIB"]) * 2**30 / total), device
+        )
     install_levers(settings)
     sys.argv = ["xtuner.tools.train", *sys.argv[1:]]
     runpy.run_module("xtuner.tools.train", run_name="__main__", alter_sys=True)
