@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements/cpu.txt requirements/xtuner-nodeps.txt requirem
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -r requirements/cpu.txt
-	# XTuner without its declared deps (FIELD-NOTES §2): they are pinned in cpu.txt.
+	# XTuner without its declared deps (docs/xtuner.md): they are pinned in cpu.txt.
 	$(BIN)/python -m pip install --no-deps -r requirements/xtuner-nodeps.txt
 	# LMDeploy's prompt code for the parity tests, without its GPU stack (requirements/lmdeploy-nodeps.txt).
 	$(BIN)/python -m pip install --no-deps -r requirements/lmdeploy-nodeps.txt

@@ -10,7 +10,7 @@ at images that are not in the archive (the tutorial's main skip reason) and 0.5%
 I2T/T2T/IT2T in the real cn proportions (32,130 / 15,797 / 912). The images are generated once
 into ``--workdir`` and reused.
 
-Reference: the tutorial's procedure (seed/, FIELD-NOTES §1), written plainly: for each line,
+Reference: the tutorial's procedure (docs/reference-run.md), written plainly: for each line,
 ``os.path.exists`` + ``PIL.Image.open(...).size`` on the record's image, then one
 ``json.dump(samples, indent=4)``. Project: ``vlmtune.convert`` (each distinct image's header
 once, a thread pool, C JSON encoder) with the tutorial's settings (no held-out split).

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
-STOCK = dict(  # the tutorial's XTuner settings (FIELD-NOTES §1), one GPU
+STOCK = dict(  # the tutorial's XTuner settings (docs/reference-run.md), one GPU
     device="cuda",
     gpus=1,
     deepspeed="zero1",

@@ -4,7 +4,7 @@ tests/test_slurm_two_nodes.py.
 
 Installs nothing: CI installs the packages of .ci/apt-packages.txt first. Needs root, because
 the executor plugin drops SLURM_CONF before its in-job `srun`, so the configuration has to sit
-at /etc/slurm/slurm.conf (FIELD-NOTES §7); a file already there is put back on teardown.
+at /etc/slurm/slurm.conf (docs/snakemake-slurm.md); a file already there is put back on teardown.
 The daemons run in the foreground as children of the test, so teardown kills exactly them.
 Fake GPUs are gres backed by links to /dev/null: Slurm allocates and accounts them, nothing
 uses them.

@@ -26,7 +26,7 @@ from test_slurm import copy_workflow, job_blocks, resources, snakemake, submissi
 DEMO = "config/demo.yaml"
 # 2 epochs of 28 samples at global batch 2: 28 iterations, a checkpoint every 3, all kept.
 # One CPU per process: both runs' 2 processes get a core each of this 2-core machine, and the
-# same thread count, which the bitwise comparison needs (FIELD-NOTES: the CPU run is
+# same thread count, which the bitwise comparison needs (docs/machines.md: the CPU run is
 # deterministic for a fixed seed and thread count).
 COMMON = {
     "batch_size": 1,

@@ -14,7 +14,7 @@ from vlmtune import speed
 
 @pytest.fixture(scope="module")
 def process_group():
-    # InternVL_V1_5's forward calls torch.distributed.get_rank() (FIELD-NOTES §2)
+    # InternVL_V1_5's forward calls torch.distributed.get_rank() (docs/xtuner.md, "Launching")
     if not torch.distributed.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -1,5 +1,5 @@
 """Convert CLoT-Oogiri-GO ``<language>.jsonl`` into XTuner's InternVL (LLaVA-style) JSON,
-with the tutorial's semantics (FIELD-NOTES §1), a held-out evaluation split by image and a
+with the tutorial's semantics (docs/reference-run.md), a held-out evaluation split by image and a
 report that accounts for every input line.
 
 Tutorial semantics: image ``images/{image}.jpg``; record skipped if the file is missing;

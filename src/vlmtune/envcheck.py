@@ -1,6 +1,7 @@
 """Check that the running interpreter is the environment a step family needs, then run the step.
 
-Each rule runs its step through this module (``PYTHON[family]`` in workflow/rules/common.smk):
+Each rule runs its step through this module (the shell function
+``python_<family>`` that ``step_python`` defines in workflow/rules/common.smk):
 
     python -m vlmtune.envcheck xtuner -m vlmtune.train --config ... --work-dir ...
 

@@ -1,6 +1,6 @@
 """Merge a trained XTuner checkpoint into an official-format InternVL2 model with XTuner's own
 ``convert_to_official``, copy the base model's ``*.py`` that transformers >= 4.45 drops
-(FIELD-NOTES §2), and check the result, writing ``merge_report.json``:
+(docs/xtuner.md, "The merge"), and check the result, writing ``merge_report.json``:
 
 - every tensor training changed differs from the base as the checkpoint says it must: LLM
   linears whose LoRA update is non-zero, the projector ``mlp1`` equal to its trained value;

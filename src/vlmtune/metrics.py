@@ -1,5 +1,5 @@
-"""Scores of one model's predictions on the held-out set (FIELD-NOTES §6), overall and per
-record type, with bootstrap 95% intervals, into ``metrics.json``.
+"""Scores of one model's predictions on the held-out set (docs/dataset.md, "Metrics that work
+offline"), overall and per record type, with bootstrap 95% intervals, into ``metrics.json``.
 
 Every overlap metric comes from its library: BLEU and chrF from sacrebleu (``tokenize='zh'``:
 Chinese characters are tokens), ROUGE-L from rouge-score with a character tokenizer (its default

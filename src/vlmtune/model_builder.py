@@ -20,7 +20,8 @@ from pathlib import Path
 from .atomic import atomic_dir
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
-# (sub-package of xtuner, file) pairs shipped by xtuner 0.2.0 (FIELD-NOTES §2).
+# (sub-package of xtuner, file) pairs shipped by xtuner 0.2.0 (docs/xtuner.md, "Model code in the
+# wheel").
 XTUNER_MODEL_CODE = [
     ("_lite/modelings/internvl2", "configuration_intern_vit.py"),
     ("_lite/modelings/internvl2", "modeling_intern_vit.py"),
@@ -48,6 +49,18 @@ SPECIAL_TAIL = [
     "</box>",
 ]
 SPECIAL_HEAD = ["<unk>", "<s>", "</s>"]
+# InternVL2-4B (Phi-3-mini): Phi-3's added tokens (32000-32010), then InternVL's (32011-32019).
+PHI3_SPECIAL_TAIL = [
+    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+    "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+    "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+]  # fmt: skip
+# The LLM families of the InternVL2 models XTuner 0.2.0 trains: the special-token tail of the
+# tokenizer, the stop token generation ends on, and config.json's ``template``.
+LLM_FAMILIES = {
+    "internlm2": dict(tail=SPECIAL_TAIL, stop="<|im_end|>", template="internlm2-chat"),
+    "phi3": dict(tail=PHI3_SPECIAL_TAIL, stop="<|end|>", template="phi3-chat"),
+}
 
 PRESETS = {
     "full": dict(
@@ -76,7 +89,43 @@ PRESETS = {
         bpe_vocab=1185,
         max_dynamic_patch=4,
     ),
-}
+    # InternVL2-4B: InternViT-300M + Phi-3-mini-128k (multi-head attention, LongRoPE).
+    "tiny-4b": dict(
+        llm_family="phi3",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
+        vocab_size=1200, bpe_vocab=1180, max_dynamic_patch=4,
+    ),
+    "full-4b": dict(
+        llm_family="phi3",
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        llm=dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32),
+        vocab_size=32020, bpe_vocab=8000, max_dynamic_patch=12,
+    ),
+    # InternVL2-8B: InternViT-300M + InternLM2.5-7B-chat (32 heads over 8 KV heads).
+    "tiny-8b": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        llm=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2),
+        vocab_size=1200, bpe_vocab=1185, max_dynamic_patch=4,
+    ),
+    "full-8b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        llm=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8),
+        vocab_size=92553, bpe_vocab=8000, max_dynamic_patch=12,
+    ),
+    # InternVL2-26B: InternViT-6B (RMSNorm, QK-norm, no qkv bias) + InternLM2-chat-20B.
+    "full-26b": dict(
+        vision=dict(hidden_size=3200, intermediate_size=12800, num_hidden_layers=45, num_attention_heads=25,
+                    qkv_bias=False, qk_normalization=True, norm_type="rms_norm"),
+        llm=dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=48, num_attention_heads=48,
+                 num_key_value_heads=8),
+        vocab_size=92553, bpe_vocab=8000, max_dynamic_patch=12,
+    ),
+}  # fmt: skip
 
 SYSTEM_PROMPT = "You are an AI assistant whose name is InternLM (书生·浦语)."
 DEFAULT_QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"

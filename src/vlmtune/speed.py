@@ -14,7 +14,7 @@ the built model, never by editing XTuner's or the model's files.
   ``InternVL_V1_5._llm_forward`` hands it the positions, so generation and any other caller see the
   original forward.
 - ``qlora_compute_dtype`` (``train.qlora_compute_dtype``): XTuner hard-codes
-  ``bnb_4bit_compute_dtype=torch.float16`` (FIELD-NOTES §2) while the model trains in bf16
+  ``bnb_4bit_compute_dtype=torch.float16`` (docs/xtuner.md) while the model trains in bf16
   (DeepSpeed casts the module to bf16), so every 4-bit layer casts its bf16 input and its
   dequantised bf16 weight to fp16 and the fp16 output back to bf16. ``bfloat16`` sets the compute
   dtype of every bitsandbytes ``Linear4bit`` to bf16: no casts (the dequantised weight is bf16

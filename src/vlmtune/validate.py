@@ -1,5 +1,5 @@
 """Validate the converted training set against the model before training, because XTuner
-0.2.0 hides both failures this catches (FIELD-NOTES §2): an image that does not decode is
+0.2.0 hides both failures this catches (docs/xtuner.md, "Data"): an image that does not decode is
 silently replaced by another random sample, and a sample longer than ``max_length`` is cut
 (image tokens included) with only a warning.
 

@@ -1,5 +1,6 @@
 """Render a complete XTuner config file (the whole file, never ``--cfg-options``: the model
-``path`` is used in three places, FIELD-NOTES §2) from the workflow's YAML config.
+``path`` is used in three places, docs/xtuner.md, "The config file") from the workflow's YAML
+config.
 
 Device-aware: on CUDA, QLoRA (4-bit LLM) or LoRA with ``AmpOptimWrapper`` and NCCL (DeepSpeed
 replaces the optimizer wrapper when enabled); on CPU, LoRA, ``OptimWrapper`` and gloo. The
@@ -239,8 +240,8 @@ def iteration_plan(
     max_epochs: int,
     warmup_ratio: float,
 ) -> dict:
-    """XTuner's arithmetic (FIELD-NOTES §2): an epoch is ceil(samples / global batch)
-    optimizer steps of ``accumulative_counts`` iterations each."""
+    """XTuner's arithmetic (docs/xtuner.md, "Batch arithmetic"): an epoch is
+    ceil(samples / global batch) optimizer steps of ``accumulative_counts`` iterations each."""
     global_batch = batch_size * accumulative_counts * world_size
     iters_per_epoch = math.ceil(samples / global_batch) * accumulative_counts
     warmup_iters = int(warmup_ratio * max_epochs * iters_per_epoch)

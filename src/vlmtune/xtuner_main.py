@@ -1,5 +1,6 @@
 """Run XTuner's own training entry point (``xtuner.tools.train``) in this process, with the
-environment fixes it needs on current PyTorch (FIELD-NOTES §2) and the project's speed levers.
+environment fixes it needs on current PyTorch (docs/xtuner.md, "Launching") and the project's
+speed levers.
 
 Fixes:
 - torch >= 2.6 loads checkpoints with ``weights_only=True``, which rejects XTuner/mmengine
