@@ -24,10 +24,15 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def configs():
     from vlmtune.config import load
+    from vlmtune.presets import apply
 
-    return load(ROOT / "config" / "config.yaml"), load(
-        ROOT / "config" / "config.yaml", ROOT / "config" / "demo.yaml"
+    default, demo = (
+        load(ROOT / "config" / "config.yaml"),
+        load(ROOT / "config" / "config.yaml", ROOT / "config" / "demo.yaml"),
     )
+    for config in (default, demo):
+        apply(config)  # model.preset's values where the YAML leaves null, as validate() fills them
+    return default, demo
 
 
 # A hub token planted in the demo run's environment: it must land in no file (test_reproducibility).

@@ -48,7 +48,9 @@ def _describe(error) -> str:
     key = _key(error.absolute_path)
     v, schema = error.validator, error.schema
     if v == "enum":
-        return f"{key}: {error.instance!r} is not allowed; choose one of {schema['enum']}"
+        # null (where allowed: "the preset's") is not a choice to offer
+        choices = [e for e in schema["enum"] if e is not None]
+        return f"{key}: {error.instance!r} is not allowed; choose one of {choices}"
     if v == "additionalProperties":
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
@@ -111,6 +113,10 @@ def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
         leaves = [e for e in error.context] if error.validator in ("allOf", "anyOf", "oneOf") else []
         problems.extend(_describe(e) for e in (leaves or [error]))
     if not problems:
+        from .presets import apply as apply_preset
+
+        # model.preset fills the keys left null (repo_id, name, train resources), in place
+        problems.extend(apply_preset(config))
         problems.extend(cross_key_problems(config))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(problems)))

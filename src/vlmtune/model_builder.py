@@ -180,27 +180,31 @@ def model_config(preset: str, vocab_size: int) -> dict:
         initializer_range=0.02,
         initializer_factor=1.0,
         use_flash_attn=True,
-        **p["vision"],
     )
-    llm = dict(
-        architectures=["InternLM2ForCausalLM"],
-        model_type="internlm2",
-        vocab_size=vocab_size,
-        hidden_act="silu",
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-5,
-        bias=False,
-        rope_theta=1000000,
-        rope_scaling={"type": "dynamic", "factor": 2.0},
-        tie_word_embeddings=False,
-        use_cache=True,
-        initializer_range=0.02,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        attn_implementation="eager",
-        **p["llm"],
-    )
+    vision.update(p["vision"])  # the 26B's InternViT-6B overrides norm, qkv bias and QK-norm
+    family = p.get("llm_family", "internlm2")
+    if family == "phi3":
+        llm = phi3_llm_config(p["llm"], vocab_size)
+    else:
+        llm = dict(
+            architectures=["InternLM2ForCausalLM"],
+            model_type="internlm2",
+            vocab_size=vocab_size,
+            hidden_act="silu",
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            bias=False,
+            rope_theta=1000000,
+            rope_scaling={"type": "dynamic", "factor": 2.0},
+            tie_word_embeddings=False,
+            use_cache=True,
+            initializer_range=0.02,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            attn_implementation="eager",
+            **p["llm"],
+        )
     return dict(
         architectures=["InternVLChatModel"],
         auto_map={
@@ -209,7 +213,7 @@ def model_config(preset: str, vocab_size: int) -> dict:
             "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
         },
         model_type="internvl_chat",
-        template="internlm2-chat",
+        template=LLM_FAMILIES[family]["template"],
         torch_dtype="bfloat16",
         force_image_size=448,
         downsample_ratio=0.5,
@@ -226,13 +230,30 @@ def model_config(preset: str, vocab_size: int) -> dict:
     )
 
 
-def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str]):
+def phi3_llm_config(dims: dict, vocab_size: int) -> dict:
+    """Phi-3-mini-128k-instruct's LLM config (InternVL2-4B's ``llm_config``), as transformers'
+    own ``Phi3Config`` reads it: LongRoPE over a 4k original context (factors 1.0 here: the
+    weights are random anyway), SiLU MLP with fused gate/up, fused QKV."""
+    half_head = dims["hidden_size"] // dims["num_attention_heads"] // 2
+    return dict(
+        architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=vocab_size,
+        hidden_act="silu", max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rms_norm_eps=1e-5, rope_theta=10000.0,
+        rope_scaling={"type": "longrope", "long_factor": [1.0] * half_head,
+                      "short_factor": [1.0] * half_head},
+        sliding_window=262144, tie_word_embeddings=False, use_cache=True, initializer_range=0.02,
+        attention_dropout=0.0, embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2, attn_implementation="eager", **dims,
+    )  # fmt: skip
+
+
+def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str], tail: list[str] = SPECIAL_TAIL):
     """A byte-level BPE tokenizer of exactly ``vocab_size`` ids: <unk>/<s>/</s> first,
     trained merges, ``<unused_N>`` filler, then InternVL2's special tokens last."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    base = vocab_size - len(SPECIAL_TAIL)
+    base = vocab_size - len(tail)
     if bpe_vocab > base:
         raise ValueError(f"bpe_vocab {bpe_vocab} does not fit in {base} regular ids")
     trainer = trainers.BpeTrainer(
@@ -252,9 +273,7 @@ def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str]):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_HEAD + SPECIAL_TAIL]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_HEAD + tail])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
@@ -266,7 +285,7 @@ def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str]):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="</s>",
-        additional_special_tokens=SPECIAL_TAIL,
+        additional_special_tokens=tail,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
@@ -282,7 +301,9 @@ def build(out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | No
     with atomic_dir(Path(out)) as tmp:
         copy_model_code(tmp)
         (tmp / "config.json").write_text(json.dumps(model_config(preset, p["vocab_size"]), indent=2))
-        tokenizer = build_tokenizer(p["vocab_size"], p["bpe_vocab"], _CORPUS + list(corpus or []))
+        family = LLM_FAMILIES[p.get("llm_family", "internlm2")]
+        corpus = _CORPUS + list(corpus or [])
+        tokenizer = build_tokenizer(p["vocab_size"], p["bpe_vocab"], corpus, family["tail"])
         tokenizer.save_pretrained(tmp)
         config = AutoConfig.from_pretrained(tmp, trust_remote_code=True)
         torch.manual_seed(seed)
@@ -294,8 +315,9 @@ def build(out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | No
         saved["_name_or_path"] = Path(out).name
         (tmp / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
         copy_model_code(tmp)
+        stop = tokenizer.convert_tokens_to_ids(family["stop"])
         (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": 1, "eos_token_id": [2, 92542 - 92553 + p["vocab_size"]]}, indent=2)
+            json.dumps({"bos_token_id": 1, "eos_token_id": [2, stop]}, indent=2)
         )
     return Path(out)
 

@@ -95,7 +95,7 @@ path = $path
 
 data_path = $data_path
 image_folder = $image_folder
-prompt_template = PROMPT_TEMPLATE.internlm2_chat
+prompt_template = PROMPT_TEMPLATE.$prompt_template
 max_length = $max_length
 
 batch_size = $batch_size  # per device
@@ -280,7 +280,29 @@ def accumulation(train: dict) -> int:
     return global_batch // per_step
 
 
-def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tuple[str, dict]:
+def prompt_template(model: Path, preset: str | None = None) -> str:
+    """XTuner's prompt template for the model's LLM (``internlm2_chat`` or ``phi3_chat``: its
+    SYSTEM and SUFFIX are used by the dataset), checked against ``model.preset`` when given."""
+    from .presets import get
+    from .prompt import UnsupportedLLM, chat_format
+
+    if not (Path(model) / "config.json").is_file():  # not fetched yet (tests): the preset's
+        return get(preset).xtuner_template
+    try:
+        fmt = chat_format(model)
+    except UnsupportedLLM as exc:
+        raise ValueError(str(exc)) from None
+    if preset is not None and get(preset).chat != fmt:
+        raise ValueError(
+            f"model.preset {preset} expects a {get(preset).chat.llm_architecture} LLM, but {model} "
+            f"holds a {fmt.llm_architecture}: set model.preset to the model's"
+        )
+    return fmt.xtuner_template
+
+
+def render(
+    model: Path, train_json: Path, image_folder: Path, train: dict, preset: str | None = None
+) -> tuple[str, dict]:
     text = Path(train_json).read_text(encoding="utf-8")  # .json (a list) or .jsonl (XTuner reads both)
     samples = (
         sum(1 for line in text.splitlines() if line.strip())
@@ -312,6 +334,7 @@ def render(model: Path, train_json: Path, image_folder: Path, train: dict) -> tu
     lora = train.get("lora", {})
     launcher = {k: train.get(k, default) for k, default in LAUNCHER_LEVERS.items()}
     values = dict(
+        prompt_template=prompt_template(model, preset),
         path=repr(str(Path(model).resolve())),
         data_path=repr(str(Path(train_json).resolve())),
         image_folder=repr(str(Path(image_folder).resolve())),
@@ -360,13 +383,14 @@ def main(argv=None) -> None:
     ap.add_argument("--workflow-config", nargs="*", default=[], help="layered YAML configs")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--plan", required=True, type=Path)
+    ap.add_argument("--preset", help="model.preset: its LLM must be the model's")
     a = ap.parse_args(argv)
     if a.train_settings:
         train = json.loads(a.train_settings)
     else:
         train = validate(load(*a.workflow_config))["train"]
     try:
-        text, plan = render(a.model, a.train_json, a.image_folder, train)
+        text, plan = render(a.model, a.train_json, a.image_folder, train, a.preset)
     except ValueError as exc:
         raise SystemExit(f"render_xtuner_config: {exc}") from None
     with atomic_file(a.out) as fh:

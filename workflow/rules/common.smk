@@ -12,6 +12,8 @@ import shlex
 from snakemake.settings.types import DeploymentMethod
 
 from vlmtune.config import ConfigError, validate
+from vlmtune.presets import describe as describe_preset
+from vlmtune.presets import get as get_preset
 from vlmtune.provenance import code_digest
 from vlmtune.xtuner_config import SETTINGS as XTUNER_SETTINGS
 
@@ -21,6 +23,9 @@ except ConfigError as exc:
     raise WorkflowError(str(exc))
 
 RUN = config["run"]
+# model.preset (vlmtune.presets): templates, LoRA targets; validate() filled its defaults.
+PRESET = get_preset(config["model"]["preset"])
+print(describe_preset(config), file=sys.stderr)
 MODEL_NAME = config["model"]["name"]
 DATASET_NAME = config["dataset"]["name"]
 LANGUAGE = config["conversion"]["language"]

@@ -12,6 +12,8 @@ rule render_xtuner_config:
     params:
         code=code_hash("xtuner_config"),
         train=json.dumps(TRAIN_SETTINGS, sort_keys=True),
+        preset=PRESET.name,
+        prompt_template=PRESET.xtuner_template,
     log:
         f"logs/{RUN}/render_xtuner_config.log",
     conda:
@@ -22,7 +24,8 @@ rule render_xtuner_config:
     shell:
         "python_xtuner -m vlmtune.xtuner_config --model {input.model} --train-json {input.train}"
         " --image-folder {input.images} --train-settings {params.train:q}"
-        " --out {output.config} --plan {output.plan} > {log} 2>&1"
+        " --preset {params.preset} --out {output.config} --plan {output.plan} > {log} 2>&1"
+        " # XTuner template {params.prompt_template}"
 
 
 rule train:

@@ -1,6 +1,7 @@
 """InternVL2 chat configuration: the project's own re-implementation of the interface of
 OpenGVLab's ``InternVLChatConfig`` (same class name, keys and defaults that xtuner and
-LMDeploy read), composing the InternViT and InternLM2 configs shipped beside it."""
+LMDeploy read), composing the InternViT and InternLM2 configs shipped beside it, or transformers' own Phi-3
+config for InternVL2-4B's Phi-3 LLM (the official 4B ships a copy of the same Phi-3 code)."""
 
 import copy
 
@@ -36,9 +37,14 @@ class InternVLChatConfig(PretrainedConfig):
         llm_config = llm_config or {"architectures": ["InternLM2ForCausalLM"]}
         self.vision_config = InternVisionConfig(**vision_config)
         architecture = (llm_config.get("architectures") or ["InternLM2ForCausalLM"])[0]
-        if architecture != "InternLM2ForCausalLM":
+        if architecture == "InternLM2ForCausalLM":
+            self.llm_config = InternLM2Config(**llm_config)
+        elif architecture == "Phi3ForCausalLM":
+            from transformers import Phi3Config
+
+            self.llm_config = Phi3Config(**llm_config)
+        else:
             raise ValueError(f"unsupported llm architecture: {architecture}")
-        self.llm_config = InternLM2Config(**llm_config)
         self.use_backbone_lora = use_backbone_lora
         self.use_llm_lora = use_llm_lora
         self.select_layer = select_layer

@@ -18,7 +18,7 @@ class InternVLChatModel(PreTrainedModel):
     config_class = InternVLChatConfig
     main_input_name = "pixel_values"
     base_model_prefix = "language_model"
-    _no_split_modules = ["InternVisionModel", "InternLM2DecoderLayer"]
+    _no_split_modules = ["InternVisionModel", "InternLM2DecoderLayer", "Phi3DecoderLayer"]
     _supports_flash_attn_2 = True
 
     def __init__(self, config, vision_model=None, language_model=None, use_flash_attn=True):
@@ -35,8 +35,16 @@ class InternVLChatModel(PreTrainedModel):
         use_flash_attn = use_flash_attn and has_flash_attn
         config.vision_config.use_flash_attn = use_flash_attn
         config.llm_config.attn_implementation = "flash_attention_2" if use_flash_attn else "eager"
+        self.phi3 = config.llm_config.architectures[0] == "Phi3ForCausalLM"
+        if self.phi3:
+            # transformers' own Phi-3 reads the private field (XTuner sets it to flash_attention_2)
+            config.llm_config._attn_implementation = config.llm_config.attn_implementation
 
         self.vision_model = vision_model or InternVisionModel(config.vision_config)
+        if language_model is None and self.phi3:
+            from transformers import Phi3ForCausalLM
+
+            language_model = Phi3ForCausalLM(config.llm_config)
         self.language_model = language_model or InternLM2ForCausalLM(config.llm_config)
 
         vit_hidden_size = config.vision_config.hidden_size
@@ -137,7 +145,8 @@ class InternVLChatModel(PreTrainedModel):
         # past_key_values is None; transformers >= 4.45 pre-creates an empty DynamicCache for
         # models that support cache classes, so the image embeddings would be dropped. Ask
         # generate() for the legacy cache path instead (the one the official code was built on).
-        self.language_model._supports_cache_class = False
+        if not self.phi3:  # transformers' own Phi-3 handles inputs_embeds with its cache classes
+            self.language_model._supports_cache_class = False
         return self.language_model.generate(
             inputs_embeds=input_embeds,
             attention_mask=attention_mask,
