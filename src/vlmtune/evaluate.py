@@ -29,7 +29,7 @@ from pathlib import Path
 from .atomic import atomic_file
 from .jsonl import iter_jsonl
 from .lmdeploy_engine import ids_digest
-from .prompt import IMG_CONTEXT, STOP_WORDS, image_tokens, training_prompt
+from .prompt import IMG_CONTEXT, chat_format, image_tokens
 from .provenance import write_for_evaluation
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
@@ -106,6 +106,8 @@ class TransformersEngine:
         self.model = self.model.eval().to(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
         self.tokenizer.padding_side = "left"
+        # the training prompt of the model's LLM (InternLM2 or Phi-3), as XTuner's dataset picks it
+        self.chat = chat_format(model_dir)
         self.model.img_context_token_id = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
         size = self.cfg.force_image_size
         self.tokens_per_tile = int(
@@ -121,7 +123,8 @@ class TransformersEngine:
             ]
         )
         self.gen = gen
-        self.stop_ids = [self.tokenizer.eos_token_id] + self.tokenizer.convert_tokens_to_ids(STOP_WORDS)
+        stops = list(self.chat.stop_words)
+        self.stop_ids = [self.tokenizer.eos_token_id] + self.tokenizer.convert_tokens_to_ids(stops)
         self.version = importlib.metadata.version("transformers")
 
     def tiles(self, path: Path):
@@ -147,7 +150,7 @@ class TransformersEngine:
         for rec in batch:
             px = self.tiles(Path(image_folder) / rec["image"])
             pixels.append(px)
-            prompts.append(training_prompt(rec["question"], image_tokens(len(px), self.tokens_per_tile)))
+            prompts.append(self.chat.prompt(rec["question"], image_tokens(len(px), self.tokens_per_tile)))
         # add_special_tokens: the <s> XTuner's dataset puts in front (tokenizer.encode default).
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
         return pixels, prompts, enc
@@ -201,14 +204,14 @@ class TransformersEngine:
 
     def reference_nll(self, rec: dict, image_folder: Path) -> list[dict]:
         """Teacher-forced loss of each reference given prompt + image, labelled as in training
-        (the response and its ``<|im_end|>``; the prompt masked)."""
+        (the response and its stop word, ``<|im_end|>`` or Phi-3's ``<|end|>``; the prompt masked)."""
         torch = self.torch
         pixels, prompts, enc = self.prepare([rec], image_folder)
         prompt_ids = enc.input_ids[0].tolist()
         px = pixels[0].to(self.device, self.dtype)
         out = []
         for ref in rec["references"]:
-            target = self.tokenizer.encode(ref["text"].strip() + STOP_WORDS[0], add_special_tokens=False)
+            target = self.tokenizer.encode(ref["text"].strip() + self.chat.suffix, add_special_tokens=False)
             ids = torch.tensor([prompt_ids + target], device=self.device)
             with torch.inference_mode():
                 logits = self.model(

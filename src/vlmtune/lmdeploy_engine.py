@@ -4,7 +4,7 @@ LMDeploy builds the prompt from OpenAI-style messages with the chat template it 
 tiles each image with its own copy of InternVL's ``dynamic_preprocess``. Three things keep that
 identical to what XTuner trained on (docs/lmdeploy.md):
 
-- the chat template is passed explicitly (:func:`vlmtune.prompt.lmdeploy_chat_template`), so
+- the chat template is passed explicitly (:meth:`vlmtune.prompt.ChatFormat.lmdeploy` of the model's LLM), so
   neither the model folder's name nor the tokenizer's own template decides it;
 - the image item comes before the question text: LMDeploy's InternVL code writes the items in
   message order, and training puts ``<img>…</img>\\n`` first;
@@ -24,7 +24,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from .prompt import IMG_CONTEXT, lmdeploy_chat_template, user_text
+from .prompt import IMG_CONTEXT, chat_format, user_text
 
 BACKENDS = ("pytorch", "turbomind")
 
@@ -91,7 +91,8 @@ def prompt_ids(model_dir: Path, image, question: str, template_config=None) -> t
     vision.build_preprocessor()
     vision.set_mm_feature_dtype(torch.float32)
     parsed = vision.preprocess(parsed)
-    template = (template_config or lmdeploy_chat_template()).chat_template()
+    # the model's training prompt (its LLM's: InternLM2 or Phi-3) unless a template is given
+    template = (template_config or chat_format(model_dir).lmdeploy()).chat_template()
     out = vision.to_pytorch(parsed, template, Tokenizer(str(model_dir), trust_remote_code=True))
     return list(out["input_ids"]), out["prompt"]
 
@@ -119,7 +120,7 @@ class LMDeployEngine:
         self.pipe = pipeline(
             str(model_dir),
             backend_config=engine_config,
-            chat_template_config=lmdeploy_chat_template(),
+            chat_template_config=chat_format(model_dir).lmdeploy(),
             trust_remote_code=True,
         )
         self.gen_config = GenerationConfig(
