@@ -546,3 +546,16 @@ def test_arbitrary_lines_never_crash_and_are_all_accounted_for(
         json.loads((out / "t.json").read_text(encoding="utf-8")) == train
         and read_jsonl(out / "e.jsonl") == evals
     )
+
+
+def test_a_line_of_unicode_whitespace_is_a_counted_bad_record(demo_dataset, tmp_path):
+    """Found by the property test: a line holding only \\x1c (str.isspace, not ASCII whitespace)
+    was dropped as blank; it is a malformed record, counted with file:line."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(demo_dataset, ds)
+    (ds / "cn.jsonl").write_bytes((demo_dataset / "cn.jsonl").read_bytes() + b"\x1c\n\xc2\x85\n \t\n")
+    _, _, report = convert(ds, eval_images=0, split_seed=1)
+    assert report["read"] == 39 + 2 and report["kept"] + report["skipped"] == report["read"]
+    assert sum(w.startswith(f"{ds / 'cn.jsonl'}:4") for ws in report["skipped_where"].values() for w in ws) == 2

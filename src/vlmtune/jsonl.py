@@ -70,7 +70,9 @@ def iter_jsonl(path: Path) -> Iterator[Line]:
                 ),
             )
             continue
-        if not text.strip():
+        # Blank means ASCII whitespace only (bytes.strip): str.strip() would also drop lines of
+        # \x1c-\x1f or U+0085, which are content (a bad record to count), not blank lines.
+        if not raw.strip():
             continue
         try:
             yield Line(where, lineno, value=json.loads(text))

@@ -91,7 +91,8 @@ def apply(config: dict) -> list[str]:
     model, train = config["model"], config["train"]
     preset = get(model.get("preset"))
     model["preset"] = preset.name
-    if model.get("repo_id") is None and model.get("source") != "local":
+    # Also for source: local, as before presets: provenance names the repo a local copy stands for.
+    if model.get("repo_id") is None:
         model["repo_id"] = preset.repo_id
     if model.get("name") is None:
         model["name"] = preset.name
