@@ -1,4 +1,4 @@
-"""The prompt InternVL2 is trained on by XTuner 0.2.0 (FIELD-NOTES §2), so evaluation sends
+"""The prompt InternVL2 is trained on by XTuner 0.2.0 (docs/xtuner.md, "The training prompt"), so evaluation sends
 exactly the same one. XTuner's InternVL dataset forces the InternLM2 system prompt and joins
 the turns without the newline separators of the ``internlm2_chat`` template:
 
