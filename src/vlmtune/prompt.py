@@ -1,6 +1,6 @@
 """The prompt InternVL2 is trained on by XTuner 0.2.0 (docs/xtuner.md, "The training prompt"),
-so evaluation sends exactly the same one. XTuner's InternVL dataset forces the InternLM2 system prompt and joins
-the turns without the newline separators of the ``internlm2_chat`` template:
+so evaluation sends exactly the same one. XTuner's InternVL dataset forces the InternLM2 system
+prompt and joins the turns without the newline separators of the ``internlm2_chat`` template:
 
     <s><|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n<img>{<IMG_CONTEXT> x N}</img>\\n
     {question}<|im_end|><|im_start|>assistant\\n
