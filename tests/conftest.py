@@ -79,3 +79,32 @@ def demo_run(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("demo_wf"))
     run_snakemake(workdir, "-j2", "--configfile", "config/demo.yaml", env={"HF_TOKEN": PLANTED_TOKEN})
     return workdir
+
+
+DEMO_4B = ["--configfile", "config/demo.yaml", "config/demo-4b.yaml"]
+
+
+@pytest.fixture(scope="session")
+def demo_4b_run(tmp_path_factory):
+    """The tiny-4B (Phi-3) demo (config/demo-4b.yaml over config/demo.yaml), run ONCE per
+    session in its own copy of the workflow: train, merge, evaluate and report on CPU."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("demo_4b_wf"))
+    run_snakemake(workdir, "-j2", *DEMO_4B)
+    return workdir
+
+
+def assert_merged_weights(base_dir: Path, merged_dir: Path, changed: list[str], unchanged: list[str]):
+    """Reload a merged model through its remote code: the ``changed`` tensors differ from the
+    base model's, the ``unchanged`` ones are bit-identical. Returns the model."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(merged_dir, trust_remote_code=True, torch_dtype=torch.bfloat16)
+    assert type(model).__name__ == "InternVLChatModel"
+    base, state = load_file(str(base_dir / "model.safetensors")), model.state_dict()
+    for name in changed:
+        assert not torch.equal(base[name], state[name]), name
+    for name in unchanged:
+        assert torch.equal(base[name], state[name]), name
+    return model

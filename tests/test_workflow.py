@@ -5,9 +5,8 @@ session (the `demo_run` fixture of conftest.py), shared with tests/test_reproduc
 import json
 
 import pytest
-import torch
 
-from conftest import copy_workflow
+from conftest import DEMO_4B, assert_merged_weights, copy_workflow
 from conftest import run_snakemake as snakemake
 
 
@@ -40,22 +39,15 @@ def test_demo_end_to_end(demo_run):
     )
     assert report["ok"] and report["lora_merged"] == 11 and report["changed"] > 0
 
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(merged, trust_remote_code=True, torch_dtype=torch.bfloat16)
-    assert type(model).__name__ == "InternVLChatModel"
-    base = load_file(str(workflow_copy / "data" / "models" / "InternVL2-tiny" / "model.safetensors"))
-    state = model.state_dict()
-    for name in [
-        "language_model.model.layers.0.attention.wqkv.weight",
-        "language_model.output.weight",
-        "mlp1.1.weight",
-    ]:
-        assert not torch.equal(base[name], state[name]), name
-    assert torch.equal(
-        base["vision_model.embeddings.patch_embedding.weight"],
-        state["vision_model.embeddings.patch_embedding.weight"],
+    assert_merged_weights(
+        workflow_copy / "data" / "models" / "InternVL2-tiny",
+        merged,
+        changed=[
+            "language_model.model.layers.0.attention.wqkv.weight",
+            "language_model.output.weight",
+            "mlp1.1.weight",
+        ],
+        unchanged=["vision_model.embeddings.patch_embedding.weight"],
     )
 
     evals = [
@@ -91,3 +83,26 @@ def test_merge_check_catches_a_mismatched_checkpoint(demo_run):
     drifted = {k.replace("mlp1.", "projector."): v for k, v in trained.items()}
     with pytest.raises(MergeCheckError, match="no counterpart|no trained projector"):
         check(base, merged, drifted)
+
+
+@pytest.mark.slow
+def test_tiny_4b_demo_end_to_end(demo_4b_run):
+    """config/demo-4b.yaml: the demo with a tiny InternVL2-4B (Phi-3) trains, merges (checked in
+    tests/test_merge.py), evaluates base and fine-tuned with the Phi-3 template and reports."""
+    wf = demo_4b_run
+    config = (wf / "results/xtuner/demo4b/xtuner_config.py").read_text()
+    assert "PROMPT_TEMPLATE.phi3_chat" in config and "PROMPT_TEMPLATE.internlm2_chat" not in config
+    summary = json.loads((wf / "results/train/demo4b/train_result.json").read_text())
+    assert summary["checkpoint"].endswith("iter_4.pth")
+    phi3 = "<|system|>\nYou are an AI assistant whose name is Phi-3.<|end|>\n<|user|>\n"
+    for variant in ["base", "finetuned"]:
+        rows = [json.loads(l) for l in (wf / f"results/eval/demo4b/{variant}/predictions.jsonl").open()]
+        assert len(rows) == 3 and all(r["engine"] == "transformers" for r in rows)
+        assert all(
+            r["prompt"].startswith(phi3) and r["prompt"].endswith("<|end|><|assistant|>\n") for r in rows
+        ), rows[0]["prompt"]
+        assert json.loads((wf / f"results/eval/demo4b/{variant}/metrics.json").read_text())
+    assert (wf / "results/eval/demo4b/report.html").stat().st_size > 0
+    assert (wf / "results/eval/demo4b/summary.png").stat().st_size > 0
+    again = snakemake(wf, "-j2", *DEMO_4B)
+    assert "Nothing to be done" in again.stdout + again.stderr

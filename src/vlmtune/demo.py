@@ -3,6 +3,7 @@ built locally and deterministically from a seed, in the exact upstream layouts.
 
     python -m vlmtune.demo dataset --out data/demo/CLoT-Oogiri-GO --seed 0
     python -m vlmtune.demo model --out data/demo/InternVL2-tiny --seed 0
+    python -m vlmtune.demo model --out data/demo/InternVL2-tiny-4b --preset tiny-4b  # Phi-3 LLM
     python -m vlmtune.demo clot-like --out /tmp/clot --records 2000   # realistic size, zipped
 
 Dataset layout (as on the hub after extraction): ``cn.jsonl`` with records
@@ -154,10 +155,12 @@ def build_clot_like(
     return Path(out)
 
 
-def build_model(out: Path, seed: int = 0) -> Path:
+def build_model(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
+    """A tiny InternVL2 of a model-builder preset: ``tiny`` (the 2B's InternLM2), ``tiny-4b``
+    (Phi-3), ``tiny-8b`` (InternLM2.5)."""
     from . import model_builder
 
-    return model_builder.build(out, "tiny", seed, corpus=JOKES + QUESTIONS)
+    return model_builder.build(out, preset, seed, corpus=JOKES + QUESTIONS)
 
 
 def main(argv=None) -> None:
@@ -166,11 +169,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--records", type=int, default=2000, help="clot-like: number of records")
+    ap.add_argument("--preset", default="tiny", help="model: the model builder's preset (tiny, tiny-4b, …)")
     args = ap.parse_args(argv)
     if args.what == "clot-like":
         path = build_clot_like(args.out, args.records, args.seed)
+    elif args.what == "model":
+        path = build_model(args.out, args.seed, args.preset)
     else:
-        path = (build_dataset if args.what == "dataset" else build_model)(args.out, args.seed)
+        path = build_dataset(args.out, args.seed)
     print(f"built demo {args.what} at {path}")
 
 

@@ -8,7 +8,7 @@ silently replaced by another random sample, and a sample longer than ``max_lengt
    the sample ids) or stops the run (``error``). The decoded size must equal the header size the
    conversion recorded.
 2. Each sample's token length is what XTuner will feed the model: its own
-   ``InternVL_V1_5_Dataset.get_inputid_labels`` (training prompt, system prompt, ``<|im_end|>``
+   ``InternVL_V1_5_Dataset.get_inputid_labels`` (training prompt, system prompt, stop-word
    suffix, the model's tokenizer) with the image expanded to ``tiles × tokens_per_tile``
    ``<IMG_CONTEXT>`` tokens, where ``tiles`` comes from XTuner's own ``dynamic_preprocess`` on the
    image's size and ``tokens_per_tile = (force_image_size / patch_size)² · downsample_ratio²``
@@ -37,7 +37,7 @@ from pathlib import Path
 from .atomic import atomic_file, write_json
 from .images import BadImagePath, decode, image_path
 from .jsonl import JsonlError, read_records, write_records
-from .prompt import IMG_CONTEXT, IMG_END, IMG_START
+from .prompt import FORMATS, IMG_CONTEXT, IMG_END, IMG_START
 
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
@@ -112,17 +112,22 @@ class TokenLength:
         from xtuner.dataset.internvl_dataset import InternVL_V1_5_Dataset
         from xtuner.utils import PROMPT_TEMPLATE
 
-        if tiling["architecture"] != "InternLM2ForCausalLM":
-            raise ValidationError(f"{model_dir}: LLM {tiling['architecture']} is not InternLM2")
+        arch = tiling["architecture"]
+        if arch not in FORMATS:
+            raise ValidationError(f"{model_dir}: LLM {arch} is not one of {', '.join(FORMATS)}")
+        fmt = FORMATS[arch]
         self._build = InternVL_V1_5_Dataset.get_inputid_labels
         # The attributes get_inputid_labels reads, set as InternVL_V1_5_Dataset.__init__ sets
-        # them for an InternLM2 LLM (the config's template is internlm2_chat).
-        template = ConfigDict(PROMPT_TEMPLATE.internlm2_chat)
-        template["SYSTEM"] = "<|im_start|>system\n{system}<|im_end|>"
-        template["INSTRUCTION"] = "<|im_start|>user\n{input}<|im_end|><|im_start|>assistant\n"
+        # them for the LLM (the config's template: internlm2_chat or, for Phi-3, phi3_chat).
+        template = ConfigDict(getattr(PROMPT_TEMPLATE, fmt.xtuner_template))
+        if arch == "Phi3ForCausalLM":
+            template["INSTRUCTION"] = "<|user|>\n{input}<|end|><|assistant|>\n"
+        else:
+            template["SYSTEM"] = "<|im_start|>system\n{system}<|im_end|>"
+            template["INSTRUCTION"] = "<|im_start|>user\n{input}<|im_end|><|im_start|>assistant\n"
         self._self = type("XTunerDataset", (), {})()
         self._self.template, self._self.max_length = template, 1 << 30  # no truncation: we measure
-        self._self._system = "You are an AI assistant whose name is InternLM (书生·浦语)."
+        self._self._system = fmt.system
         self._self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         self.tokens_per_tile = tiling["tokens_per_tile"]
 

@@ -1,12 +1,16 @@
 # The embedded demo's inputs, built locally (config/demo.yaml points the local sources here).
+# demo.model_preset: the model builder's preset of the tiny model, built at
+# data/demo/InternVL2-<preset> (tiny: InternLM2 like the 2B; tiny-4b: Phi-3, config/demo-4b.yaml).
+DEMO_MODEL_PRESET = config.get("demo", {}).get("model_preset", "tiny")
 
 
 rule demo_model:
     output:
-        directory("data/demo/InternVL2-tiny"),
+        directory(f"data/demo/InternVL2-{DEMO_MODEL_PRESET}"),
     params:
         code=code_hash("demo", "remote_code"),
         seed=0,
+        preset=DEMO_MODEL_PRESET,
     log:
         f"logs/{RUN}/demo_model.log",
     conda:
@@ -15,7 +19,10 @@ rule demo_model:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python_xtuner -m vlmtune.demo model --out {output} --seed {params.seed} > {log} 2>&1"
+        (
+            "python_xtuner -m vlmtune.demo model --out {output} --seed {params.seed}"
+            " --preset {params.preset} > {log} 2>&1"
+        )
 
 
 rule demo_dataset:
