@@ -154,3 +154,84 @@ def test_extraction_limits_reach_the_fetch_step(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--max-extract-bytes 12345 --max-extract-ratio 7.5" in proc.stdout
+
+
+# --- schema defaults: the one source of every default (issue 17) ---------------------------------
+def _schema():
+    import yaml
+
+    from vlmtune.config import SCHEMA
+
+    with open(SCHEMA, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def test_every_schema_key_has_a_default():
+    schema = _schema()
+
+    def missing(node, path):
+        out = []
+        for key, sub in (node.get("properties") or {}).items():
+            if "$ref" in sub:
+                sub = schema["definitions"][sub["$ref"].rsplit("/", 1)[1]]
+            if sub.get("properties"):
+                out += missing(sub, [*path, key])
+            elif "default" not in sub:
+                out.append(".".join([*path, key]))
+        return out
+
+    assert missing(schema, []) == []
+
+
+def test_a_key_left_out_gets_the_schema_default(configs):
+    cfg = configs[0]
+    del cfg["evaluate"]["cpus_per_task"], cfg["conversion"]["types"], cfg["validation"]
+    cfg.pop("extraction", None)
+    validate(cfg)
+    assert cfg["evaluate"]["cpus_per_task"] == 8  # config/config.yaml's, not a rule's fallback
+    assert cfg["conversion"]["types"] == ["I2T", "T2T", "IT2T"]
+    assert cfg["validation"] == {"on_too_long": "drop", "workers": 2}
+    assert cfg["extraction"] == {"max_bytes": 17179869184, "max_ratio": 100}
+    assert cfg["train"]["cpu_processes"] == 1
+    assert cfg["python"] == {"data": None, "xtuner": None, "lmdeploy": None}
+
+
+def test_a_given_value_wins_over_the_default(configs):
+    cfg = deep_merge(
+        configs[0],
+        {"evaluate": {"cpus_per_task": 3}, "extraction": {"max_ratio": 7}, "train": {"lora": {"r": 4}}},
+    )
+    validate(cfg)
+    assert cfg["evaluate"]["cpus_per_task"] == 3
+    assert cfg["extraction"] == {"max_bytes": 17179869184, "max_ratio": 7}  # the rest filled
+    assert cfg["train"]["lora"]["r"] == 4
+
+
+def test_defaults_fill_before_the_preset_and_keep_its_nulls(configs):
+    cfg = configs[0]
+    for key in ("mem_mb", "runtime"):
+        del cfg["train"][key]  # left out: the schema's null, then the preset's value
+    validate(cfg)
+    assert (cfg["train"]["mem_mb"], cfg["train"]["runtime"]) == (160000, 360)
+
+
+def test_shipped_config_equals_the_schema_defaults():
+    """config/config.yaml ships the schema's defaults: filled from nothing, every key it sets has
+    the value it sets (the keys it leaves out: cpu_processes, extraction, python, demo)."""
+    from pathlib import Path
+
+    from vlmtune.config import fill_defaults, load
+
+    shipped = load(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
+    filled = fill_defaults({}, _schema())
+
+    def same(a, b, path=""):
+        for key, value in b.items():
+            if isinstance(value, dict) and key != "lora":
+                same(a[key], value, f"{path}{key}.")
+            else:
+                assert a[key] == value, f"{path}{key}"
+
+    same(filled, {k: v for k, v in shipped.items() if k not in ("model", "dataset")})
+    same(filled["model"], shipped["model"], "model.")
+    assert filled["train"]["lora"] == shipped["train"]["lora"]

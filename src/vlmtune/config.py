@@ -98,9 +98,48 @@ def coerce_numbers(config, schema: dict):
     return config
 
 
+def _resolve(sub: dict, schema: dict) -> dict:
+    """A ``$ref`` to ``#/definitions/<name>`` replaced by the definition it names."""
+    ref = sub.get("$ref")
+    if ref:
+        node = schema
+        for part in ref.lstrip("#/").split("/"):
+            node = node[part]
+        return node
+    return sub
+
+
+def fill_defaults(config: dict, schema: dict, root: dict | None = None) -> dict:
+    """Put the schema's ``default:`` of every key the config leaves out in its place, in place.
+
+    A left-out section (an object with properties) is filled as ``{}`` and then key by key, so
+    ``extraction.max_bytes`` is there even where the config has no ``extraction``. A value the
+    config gives, ``null`` included (= the preset's), is kept. The schema is the one source of
+    the defaults: the rules read the filled config and hold none of their own.
+    """
+    root = schema if root is None else root
+    for key, sub in (schema.get("properties") or {}).items():
+        sub = _resolve(sub, root)
+        if key not in config:
+            if "default" in sub:
+                config[key] = copy.deepcopy(sub["default"])
+            elif sub.get("properties"):
+                config[key] = {}
+            else:
+                continue
+        if isinstance(config[key], dict) and sub.get("properties"):
+            fill_defaults(config[key], sub, root)
+    return config
+
+
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
-    """Raise ConfigError naming each invalid key; return the config otherwise (numbers YAML 1.1
-    read as strings, ``lr: 1e-4``, made numbers, in place)."""
+    """Check a config against the schema and the cross-key rules, completing it in place.
+
+    Inputs: the merged config (Snakemake's ``config`` object, or ``load(...)``'s). In place:
+    numbers YAML 1.1 read as strings (``lr: 1e-4``) become numbers; every key left out gets the
+    schema's default (``fill_defaults``); keys left null get ``model.preset``'s value. Returns
+    the same dict. Raises ConfigError naming each invalid key.
+    """
     import jsonschema
 
     with open(schema_path, encoding="utf-8") as fh:
@@ -114,6 +153,9 @@ def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
         problems.extend(_describe(e) for e in (leaves or [error]))
     if not problems:
         from .presets import apply as apply_preset
+
+        # schema defaults first: the preset and cross-key rules see every key
+        fill_defaults(config, schema)
 
         # model.preset fills the keys left null (repo_id, name, train resources), in place
         problems.extend(apply_preset(config))
@@ -141,14 +183,14 @@ def cross_key_problems(config: dict) -> list[str]:
             f"train.deepspeed: {train['deepspeed']} shards parameters and cannot hold 4-bit (qlora) "
             "weights; use zero1/zero2 or method: lora"
         )
-    if train["method"] == "qlora" and train.get("label_only_head"):
+    if train["method"] == "qlora" and train["label_only_head"]:
         # Seen on an H200 (bitsandbytes 0.50.2): the 4-bit output head on the labelled rows
         # fails with CUBLAS_STATUS_EXECUTION_FAILED (benchmarks/RESULTS.md, round 2).
         problems.append(
             "train.label_only_head: not available with method: qlora yet (the 4-bit output head "
             "fails on the GPU); set it to false, or use method: lora, where it is measured"
         )
-    if config["evaluate"]["engine"] == "lmdeploy" and config["evaluate"].get("gpus", 1) < 1:
+    if config["evaluate"]["engine"] == "lmdeploy" and config["evaluate"]["gpus"] < 1:
         problems.append("evaluate.gpus: the lmdeploy engine needs a GPU; use engine: transformers on CPU")
     return problems
 

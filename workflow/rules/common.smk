@@ -23,7 +23,8 @@ except ConfigError as exc:
     raise WorkflowError(str(exc))
 
 RUN = config["run"]
-# model.preset (vlmtune.presets): templates, LoRA targets; validate() filled its defaults.
+# validate() filled every key left out with the schema's default and every null the preset
+# decides with model.preset's (vlmtune.presets): the rules read `config` with no fallbacks.
 PRESET = get_preset(config["model"]["preset"])
 print(describe_preset(config), file=sys.stderr)
 MODEL_NAME = config["model"]["name"]
@@ -33,12 +34,12 @@ LANGUAGE = config["conversion"]["language"]
 MODEL_DIR = f"data/models/{MODEL_NAME}"
 DATASET_DIR = f"data/datasets/{DATASET_NAME}"
 CONVERTED = f"results/converted/{DATASET_NAME}-{LANGUAGE}"
-TRAIN_FORMAT = config["conversion"].get("output_format", "json")
+TRAIN_FORMAT = config["conversion"]["output_format"]
 # Conversion writes CONVERTED_TRAIN; validation (images decode, lengths fit) writes TRAIN_DATA,
 # the file training reads.
 CONVERTED_TRAIN = f"{CONVERTED}/converted_train.{TRAIN_FORMAT}"
 TRAIN_DATA = f"{CONVERTED}/train.{TRAIN_FORMAT}"
-VALIDATION = config.get("validation", {})
+VALIDATION = config["validation"]
 XTUNER_DIR = f"results/xtuner/{RUN}"
 TRAIN_DIR = f"results/train/{RUN}"
 MERGED_MODEL = f"results/merged/{MODEL_NAME}-{RUN}"
@@ -51,21 +52,18 @@ EVAL_SUMMARY_PNG = f"results/eval/{RUN}/summary.png"
 TRAIN = config["train"]
 # GPUs a training job holds: torchrun starts one process per GPU.
 TRAIN_GPUS = TRAIN["gpus"] if TRAIN["device"] == "cuda" else 0
-TRAIN_NODES = TRAIN.get("nodes", 1)
+TRAIN_NODES = TRAIN["nodes"]
 EVAL = config["evaluate"]
-EVAL_GPUS = EVAL.get("gpus", 1) if EVAL["engine"] == "lmdeploy" else EVAL.get("gpus", 0)
+EVAL_GPUS = EVAL["gpus"]
 # Only the train keys the renderer reads: a change to any other (resources, deepspeed) must not
-# re-render the config and so retrain.
-TRAIN_SETTINGS = {k: TRAIN[k] for k in XTUNER_SETTINGS if k in TRAIN}
+# re-render the config and so retrain. cpu_processes counts only on CPU (processes per node).
+TRAIN_SETTINGS = {
+    k: TRAIN[k]
+    for k in XTUNER_SETTINGS
+    if not (k == "cpu_processes" and TRAIN["device"] == "cuda")
+}
 GENERATION = {
-    k: EVAL.get(k, d)
-    for k, d in [
-        ("max_new_tokens", 128),
-        ("do_sample", False),
-        ("temperature", 1.0),
-        ("top_p", 1.0),
-        ("seed", 0),
-    ]
+    k: EVAL[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 }
 
 
@@ -99,7 +97,7 @@ def step_python(family):
     if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
         interpreter = "python"
     else:
-        interpreter = (config.get("python") or {}).get(family) or sys.executable
+        interpreter = config["python"][family] or sys.executable
     command = f'{shlex.quote(interpreter)} -m vlmtune.envcheck {family} "$@"'
     return f"python_{family}() {{{{ {command}; }}}}; "
 
@@ -116,7 +114,7 @@ shell.prefix(
 
 
 # Compute nodes of many clusters have no internet: downloads run where Snakemake runs.
-if config.get("cluster", {}).get("fetch_on_submit_host", True):
+if config["cluster"]["fetch_on_submit_host"]:
 
     localrules:
         fetch_model,

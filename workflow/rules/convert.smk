@@ -16,9 +16,9 @@ rule convert_dataset:
         on_bad_record=config["conversion"]["on_bad_record"],
         eval_images=config["conversion"]["eval_images"],
         split_seed=config["conversion"]["split_seed"],
-        types=",".join(config["conversion"].get("types", ["I2T", "T2T", "IT2T"])),
+        types=",".join(config["conversion"]["types"]),
         output_format=TRAIN_FORMAT,
-    threads: config["conversion"].get("workers", 8)
+    threads: config["conversion"]["workers"]
     log:
         f"logs/{RUN}/convert_dataset.log",
     conda:
@@ -48,9 +48,9 @@ rule validate_dataset:
     params:
         code=code_hash("validate"),
         max_length=TRAIN["max_length"],
-        on_too_long=VALIDATION.get("on_too_long", "drop"),
+        on_too_long=VALIDATION["on_too_long"],
         on_bad_image=config["conversion"]["on_bad_record"],
-    threads: VALIDATION.get("workers", 2)
+    threads: VALIDATION["workers"]
     log:
         f"logs/{RUN}/validate_dataset.log",
     conda:

@@ -26,12 +26,12 @@ rule evaluate:
     params:
         code=code_hash("evaluate"),
         engine=EVAL["engine"],
-        lmdeploy_backend=EVAL.get("lmdeploy_backend", "pytorch"),
+        lmdeploy_backend=EVAL["lmdeploy_backend"],
         generation=json.dumps(GENERATION, sort_keys=True),
-        batch_size=EVAL.get("batch_size", 8),
-        session_len=EVAL.get("session_len", 8192),
+        batch_size=EVAL["batch_size"],
+        session_len=EVAL["session_len"],
         max_records=(
-            f"--max-records {EVAL['max_records']}" if EVAL.get("max_records") else ""
+            f"--max-records {EVAL['max_records']}" if EVAL["max_records"] else ""
         ),
     log:
         f"logs/{RUN}/evaluate_{{variant}}.log",
@@ -43,10 +43,10 @@ rule evaluate:
         )
     resources:
         gpu=EVAL_GPUS,
-        gpu_model=EVAL.get("gpu_model") or "",
-        cpus_per_task=EVAL.get("cpus_per_task", 4),
-        mem_mb=EVAL.get("mem_mb", 32000),
-        runtime=EVAL.get("runtime", 60),
+        gpu_model=EVAL["gpu_model"] or "",
+        cpus_per_task=EVAL["cpus_per_task"],
+        mem_mb=EVAL["mem_mb"],
+        runtime=EVAL["runtime"],
     shell:
         "python_evaluate -m vlmtune.evaluate generate --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} --engine {params.engine} --lmdeploy-backend {params.lmdeploy_backend}"
@@ -66,7 +66,7 @@ rule reference_nll:
     params:
         code=code_hash("evaluate"),
         max_records=(
-            f"--max-records {EVAL['max_records']}" if EVAL.get("max_records") else ""
+            f"--max-records {EVAL['max_records']}" if EVAL["max_records"] else ""
         ),
     log:
         f"logs/{RUN}/reference_nll_{{variant}}.log",
@@ -74,10 +74,10 @@ rule reference_nll:
         "../../envs/xtuner.yaml"
     resources:
         gpu=EVAL_GPUS,
-        gpu_model=EVAL.get("gpu_model") or "",
-        cpus_per_task=EVAL.get("cpus_per_task", 4),
-        mem_mb=EVAL.get("mem_mb", 32000),
-        runtime=EVAL.get("runtime", 60),
+        gpu_model=EVAL["gpu_model"] or "",
+        cpus_per_task=EVAL["cpus_per_task"],
+        mem_mb=EVAL["mem_mb"],
+        runtime=EVAL["runtime"],
     shell:
         "python_xtuner -m vlmtune.evaluate nll --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} {params.max_records} --out {output} > {log} 2>&1"
@@ -99,8 +99,8 @@ rule score:
         variant="base|finetuned",
     params:
         code=code_hash("metrics"),
-        resamples=EVAL.get("bootstrap_resamples", 1000),
-        seed=EVAL.get("seed", 0),
+        resamples=EVAL["bootstrap_resamples"],
+        seed=EVAL["seed"],
     log:
         f"logs/{RUN}/score_{{variant}}.log",
     conda:
@@ -138,7 +138,7 @@ rule report:
         variants=" ".join(
             f"--variant {v} results/eval/{RUN}/{v}" for v in EVAL["models"]
         ),
-        cards=EVAL.get("report_cards", 60),
+        cards=EVAL["report_cards"],
     log:
         f"logs/{RUN}/report.log",
     conda:

@@ -10,8 +10,8 @@ rule fetch_model:
     params:
         code=code_hash("fetch"),
         source=config["model"]["source"],
-        repo_id=config["model"].get("repo_id") or "",
-        revision=config["model"].get("revision") or "main",
+        repo_id=config["model"]["repo_id"],
+        revision=config["model"]["revision"],
         path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
     log:
         f"logs/{RUN}/fetch_model.log",
@@ -33,13 +33,13 @@ rule fetch_dataset:
     params:
         code=code_hash("fetch"),
         source=config["dataset"]["source"],
-        repo_id=config["dataset"].get("repo_id") or "",
-        revision=config["dataset"].get("revision") or "main",
+        repo_id=config["dataset"]["repo_id"],
+        revision=config["dataset"]["revision"],
         path=lambda w, input: f"--path {shlex.quote(input[0])}" if input else "",
         language=LANGUAGE,
         # images.zip limits (vlmtune.fetch.ExtractLimits; config/README.md, extraction)
-        max_bytes=config.get("extraction", {}).get("max_bytes", 17179869184),
-        max_ratio=config.get("extraction", {}).get("max_ratio", 100),
+        max_bytes=config["extraction"]["max_bytes"],
+        max_ratio=config["extraction"]["max_ratio"],
     log:
         f"logs/{RUN}/fetch_dataset.log",
     conda:

@@ -48,10 +48,10 @@ rule train:
         code=code_hash("train", "xtuner_main"),
         work_dir=f"{TRAIN_DIR}/work_dir",
         deepspeed=TRAIN["deepspeed"],
-        cpu_processes=TRAIN.get("cpu_processes", 1),
+        cpu_processes=TRAIN["cpu_processes"],
         # torchrun processes per node: the config's, which the rendered plan counts on
         gpus_per_node=TRAIN_GPUS,
-    threads: TRAIN.get("cpus_per_task", 4)
+    threads: TRAIN["cpus_per_task"]
     log:
         f"logs/{RUN}/train.log",
     conda:
@@ -62,16 +62,16 @@ rule train:
         # task per node (`--ntasks=nodes` for CPU jobs).
         nodes=TRAIN_NODES,
         gpu=TRAIN_GPUS if TRAIN_NODES == 1 else 0,
-        gpu_model=(TRAIN.get("gpu_model") or "") if TRAIN_NODES == 1 else "",
+        gpu_model=(TRAIN["gpu_model"] or "") if TRAIN_NODES == 1 else "",
         gres=(
-            ":".join(["gpu", *filter(None, [TRAIN.get("gpu_model")]), str(TRAIN_GPUS)])
+            ":".join(["gpu", *filter(None, [TRAIN["gpu_model"]]), str(TRAIN_GPUS)])
             if TRAIN_NODES > 1 and TRAIN_GPUS
             else ""
         ),
         tasks=TRAIN_NODES,
-        mem_mb=TRAIN.get("mem_mb", 64000),
-        runtime=TRAIN.get("runtime", 360),
-        cpus_per_task=TRAIN.get("cpus_per_task", 4),
+        mem_mb=TRAIN["mem_mb"],
+        runtime=TRAIN["runtime"],
+        cpus_per_task=TRAIN["cpus_per_task"],
     shell:
         "python_xtuner -m vlmtune.train --config {input.config} --plan {input.plan}"
         " --work-dir {params.work_dir} --result {output.result} --summary {output.summary}"
