@@ -39,9 +39,14 @@ TRAIN_FORMAT = config["conversion"]["output_format"]
 # the file training reads.
 CONVERTED_TRAIN = f"{CONVERTED}/converted_train.{TRAIN_FORMAT}"
 TRAIN_DATA = f"{CONVERTED}/train.{TRAIN_FORMAT}"
+# The held-out records (by image): validation checks them, both evaluation steps read them.
+HELD_OUT = f"{CONVERTED}/eval.jsonl"
 VALIDATION = config["validation"]
 XTUNER_DIR = f"results/xtuner/{RUN}"
+XTUNER_CONFIG = f"{XTUNER_DIR}/xtuner_config.py"
+XTUNER_PLAN = f"{XTUNER_DIR}/plan.json"
 TRAIN_DIR = f"results/train/{RUN}"
+TRAIN_RESULT = f"{TRAIN_DIR}/train_result.json"
 MERGED_MODEL = f"results/merged/{MODEL_NAME}-{RUN}"
 PREDICTIONS = f"results/eval/{RUN}/{{variant}}/predictions.jsonl"
 REFERENCE_NLL = f"results/eval/{RUN}/{{variant}}/reference_nll.jsonl"
@@ -62,9 +67,23 @@ TRAIN_SETTINGS = {
     for k in XTUNER_SETTINGS
     if not (k == "cpu_processes" and TRAIN["device"] == "cuda")
 }
+# evaluate and reference_nll: the same records, on the same machine.
+EVAL_MAX_RECORDS = f"--max-records {EVAL['max_records']}" if EVAL["max_records"] else ""
+EVAL_RESOURCES = dict(
+    gpu=EVAL_GPUS,
+    gpu_model=EVAL["gpu_model"] or "",
+    cpus_per_task=EVAL["cpus_per_task"],
+    mem_mb=EVAL["mem_mb"],
+    runtime=EVAL["runtime"],
+)
 GENERATION = {
     k: EVAL[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 }
+
+
+# {variant}: the base or the fine-tuned model (evaluate, reference_nll, score).
+wildcard_constraints:
+    variant="base|finetuned",
 
 
 def local_source(kind):

@@ -7,7 +7,7 @@ rule convert_dataset:
         DATASET_DIR,
     output:
         train=CONVERTED_TRAIN,
-        eval=f"{CONVERTED}/eval.jsonl",
+        eval=HELD_OUT,
         report=f"{CONVERTED}/convert_report.json",
     params:
         code=code_hash("convert"),
@@ -38,7 +38,7 @@ rule convert_dataset:
 rule validate_dataset:
     input:
         train=CONVERTED_TRAIN,
-        eval=f"{CONVERTED}/eval.jsonl",
+        eval=HELD_OUT,
         images=DATASET_DIR,
         model=MODEL_DIR,
     output:

@@ -5,7 +5,7 @@
 rule evaluate:
     input:
         model=evaluated_model,
-        eval=f"{CONVERTED}/eval.jsonl",
+        eval=HELD_OUT,
         images=DATASET_DIR,
     output:
         predictions=report(
@@ -21,8 +21,6 @@ rule evaluate:
             category="Provenance",
             labels={"step": "evaluate", "model": "{variant}"},
         ),
-    wildcard_constraints:
-        variant="base|finetuned",
     params:
         code=code_hash("evaluate"),
         engine=EVAL["engine"],
@@ -30,9 +28,7 @@ rule evaluate:
         generation=json.dumps(GENERATION, sort_keys=True),
         batch_size=EVAL["batch_size"],
         session_len=EVAL["session_len"],
-        max_records=(
-            f"--max-records {EVAL['max_records']}" if EVAL["max_records"] else ""
-        ),
+        max_records=EVAL_MAX_RECORDS,
     log:
         f"logs/{RUN}/evaluate_{{variant}}.log",
     conda:
@@ -42,11 +38,7 @@ rule evaluate:
             else "../../envs/xtuner.yaml"
         )
     resources:
-        gpu=EVAL_GPUS,
-        gpu_model=EVAL["gpu_model"] or "",
-        cpus_per_task=EVAL["cpus_per_task"],
-        mem_mb=EVAL["mem_mb"],
-        runtime=EVAL["runtime"],
+        **EVAL_RESOURCES,
     shell:
         "python_evaluate -m vlmtune.evaluate generate --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} --engine {params.engine} --lmdeploy-backend {params.lmdeploy_backend}"
@@ -57,27 +49,19 @@ rule evaluate:
 rule reference_nll:
     input:
         model=evaluated_model,
-        eval=f"{CONVERTED}/eval.jsonl",
+        eval=HELD_OUT,
         images=DATASET_DIR,
     output:
         REFERENCE_NLL,
-    wildcard_constraints:
-        variant="base|finetuned",
     params:
         code=code_hash("evaluate"),
-        max_records=(
-            f"--max-records {EVAL['max_records']}" if EVAL["max_records"] else ""
-        ),
+        max_records=EVAL_MAX_RECORDS,
     log:
         f"logs/{RUN}/reference_nll_{{variant}}.log",
     conda:
         "../../envs/xtuner.yaml"
     resources:
-        gpu=EVAL_GPUS,
-        gpu_model=EVAL["gpu_model"] or "",
-        cpus_per_task=EVAL["cpus_per_task"],
-        mem_mb=EVAL["mem_mb"],
-        runtime=EVAL["runtime"],
+        **EVAL_RESOURCES,
     shell:
         "python_xtuner -m vlmtune.evaluate nll --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} {params.max_records} --out {output} > {log} 2>&1"
@@ -95,8 +79,6 @@ rule score:
             category="Evaluation",
             labels={"model": "{variant}", "file": "metrics"},
         ),
-    wildcard_constraints:
-        variant="base|finetuned",
     params:
         code=code_hash("metrics"),
         resamples=EVAL["bootstrap_resamples"],

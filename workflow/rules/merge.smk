@@ -3,8 +3,8 @@
 
 rule merge_lora:
     input:
-        config=f"{XTUNER_DIR}/xtuner_config.py",
-        result=f"{TRAIN_DIR}/train_result.json",
+        config=XTUNER_CONFIG,
+        result=TRAIN_RESULT,
         base=MODEL_DIR,
     output:
         # The folder name keeps "InternVL2": LMDeploy <= 0.9 picks its template by path.

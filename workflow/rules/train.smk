@@ -7,8 +7,8 @@ rule render_xtuner_config:
         train=TRAIN_DATA,
         images=DATASET_DIR,
     output:
-        config=f"{XTUNER_DIR}/xtuner_config.py",
-        plan=f"{XTUNER_DIR}/plan.json",
+        config=XTUNER_CONFIG,
+        plan=XTUNER_PLAN,
     params:
         code=code_hash("xtuner_config"),
         train=json.dumps(TRAIN_SETTINGS, sort_keys=True),
@@ -30,14 +30,14 @@ rule render_xtuner_config:
 
 rule train:
     input:
-        config=f"{XTUNER_DIR}/xtuner_config.py",
-        plan=f"{XTUNER_DIR}/plan.json",
+        config=XTUNER_CONFIG,
+        plan=XTUNER_PLAN,
         model=MODEL_DIR,
         train=TRAIN_DATA,
     output:
         # The work dir (checkpoints) is not an output: Snakemake would delete it when a job
         # fails, and the next attempt resumes from it.
-        result=f"{TRAIN_DIR}/train_result.json",
+        result=TRAIN_RESULT,
         summary=f"{TRAIN_DIR}/train_summary.json",
         curves=report(
             f"{TRAIN_DIR}/loss_curve.png",
