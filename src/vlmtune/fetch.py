@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .atomic import atomic_dir, write_json
+from .hashing import sha256
 
 
 class FetchError(RuntimeError):
@@ -676,14 +677,6 @@ def _extract(archive: Path, dest: Path, limits: ExtractLimits) -> int:
                     out.write(block)
             count += 1
     return count
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest(folder: Path, known: dict[str, dict] | None = None, **meta) -> dict:

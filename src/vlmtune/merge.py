@@ -147,7 +147,7 @@ def answer_one_image(model_dir: Path, max_new_tokens: int = 8) -> dict:
 
     from PIL import Image
 
-    from .evaluate import TransformersEngine
+    from .transformers_engine import TransformersEngine
 
     start = time.time()
     gen = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)

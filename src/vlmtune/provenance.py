@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from .atomic import write_json
-from .fetch import sha256
+from .hashing import sha256
 from .jsonl import read_jsonl, read_records
 
 PACKAGE = Path(__file__).resolve().parent
