@@ -174,3 +174,24 @@ def test_dry_run_shows_the_presets_resources_and_template(tmp_path, preset, show
     assert out.returncode == 0, text[-3000:]
     for s in shown:
         assert s in text, s
+
+
+def test_validation_counts_the_tokens_xtuner_feeds_per_template(tiny, demo_dataset, tmp_path):
+    """vlmtune.validate's length check builds each sample with the model's template (the tiny-4B
+    demo's Phi-3 was refused before): its count equals the ids of XTuner's dataset."""
+    from vlmtune.validate import TokenLength, model_tiling
+
+    name, model_dir = tiny
+    question = "这张图片里的人在想什么?"
+    train_ids, response_ids, tok = xtuner_ids(
+        model_dir, get(name).xtuner_template, demo_dataset, "demo003", question, tmp_path
+    )
+    tiling = model_tiling(model_dir)
+    tiles = train_ids.count(tok.convert_tokens_to_ids("<IMG_CONTEXT>")) // tiling["tokens_per_tile"]
+    conversations = [
+        {"from": "human", "value": f"<image>\n{question}"},
+        {"from": "gpt", "value": "月亮不睡你不睡。"},
+    ]
+    count = TokenLength(model_dir, tiling)
+    assert count(conversations, tiles) == count(conversations, tiles, expand=True)
+    assert count(conversations, tiles) == len(train_ids) + len(response_ids)
