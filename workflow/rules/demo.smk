@@ -1,7 +1,7 @@
 # The embedded demo's inputs, built locally (config/demo.yaml points the local sources here).
 # demo.model_preset: the model builder's preset of the tiny model, built at
 # data/demo/InternVL2-<preset> (tiny: InternLM2 like the 2B; tiny-4b: Phi-3, config/demo-4b.yaml).
-DEMO_MODEL_PRESET = config.get("demo", {}).get("model_preset", "tiny")
+DEMO_MODEL_PRESET = config["demo"]["model_preset"]
 
 
 rule demo_model:
