@@ -235,6 +235,21 @@ def test_an_edited_step_reruns_that_step_and_its_dependents(demo_run, module, re
     assert planned(demo_run) == Counter()  # the same content again: nothing to do
 
 
+@pytest.mark.slow
+def test_an_edited_env_check_reruns_every_step(demo_run):
+    """Every step runs through vlmtune.envcheck (python_<family> -m ...): its code hash covers it."""
+    path = demo_run / "src" / "vlmtune" / "envcheck.py"
+    original = path.read_text()
+    try:
+        path.write_text(original + "\n# an edit\n")
+        jobs = planned(demo_run)
+    finally:
+        path.write_text(original)
+    every = rules_in(demo_run, *(f.name for f in (demo_run / "workflow" / "rules").glob("*.smk")))
+    assert set(jobs) == every, (jobs, every)
+    assert planned(demo_run) == Counter()
+
+
 # --- provenance, secrets, report ---------------------------------------------------------------
 @pytest.mark.slow
 def test_provenance_beside_the_merged_model_and_each_evaluation(demo_run):
