@@ -167,9 +167,9 @@ def main(argv=None) -> None:
         f"by >= {a.margin} ({100 * len(agree) / max(len(clear), 1):.1f} %); over all {len(ids)} records "
         f"{sum(lmd[i]['completion_ids'][:1] == tf[i]['completion_ids'][:1] for i in ids)}."
     )
-    stops = set()
-    for i in ids:
-        stops |= {t for t in tf[i]["completion_ids"][-1:]} if tf[i]["finish_reason"] == "stop" else set()
+    # the transformers engine keeps its stop token; LMDeploy's ids may not: compare without them
+    stopped = [tf[i]["completion_ids"] for i in ids if tf[i]["finish_reason"] == "stop"]
+    stops = {ids_[-1] for ids_ in stopped if ids_}
     diverge = []
     for i in ids:
         x = [t for t in lmd[i]["completion_ids"] if t not in stops]

@@ -38,6 +38,28 @@ def configs():
 # A hub token planted in the demo run's environment: it must land in no file (test_reproducibility).
 PLANTED_TOKEN = "hf_PLANTEDvlmtune0123456789abcdefghijklmnop"
 WORKFLOW_ITEMS = ["Snakefile", "workflow", "config", "envs", "src"]
+# The fields of every predictions.jsonl row, whichever engine wrote it (test_evaluate, test_report).
+PREDICTION_FIELDS = {
+    "id",
+    "image",
+    "type",
+    "question",
+    "prompt",
+    "references",
+    "prediction",
+    "prompt_tokens",
+    "prompt_ids_digest",
+    "image_tokens",
+    "completion_tokens",
+    "completion_ids",
+    "first_token_margin",
+    "finish_reason",
+    "engine",
+    "engine_backend",
+    "engine_version",
+    "generation",
+    "model",
+}
 
 
 def copy_workflow(dest: Path) -> Path:

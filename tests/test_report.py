@@ -11,30 +11,10 @@ import subprocess
 
 import pytest
 
+from conftest import PREDICTION_FIELDS as FIELDS
 from vlmtune import evaluate, metrics, report
 
 GEN = dict(max_new_tokens=6, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
-FIELDS = {
-    "id",
-    "image",
-    "type",
-    "question",
-    "prompt",
-    "references",
-    "prediction",
-    "prompt_tokens",
-    "prompt_ids_digest",
-    "image_tokens",
-    "completion_tokens",
-    "completion_ids",
-    "first_token_margin",
-    "finish_reason",
-    "engine",
-    "engine_backend",
-    "engine_version",
-    "generation",
-    "model",
-}
 
 
 def perturbed_copy(model_dir, out):

@@ -67,8 +67,11 @@ def messages(question: str, image, max_tiles: int) -> list[dict]:
 
 
 def _image_of(request) -> object | None:
+    """The PIL image of one request built by :func:`messages` (None for any other request)."""
     for message in request if isinstance(request, list) else [request]:
-        for item in message.get("content", []) if isinstance(message.get("content"), list) else []:
+        content = message.get("content")
+        items = content if isinstance(content, list) else []
+        for item in items:
             if item.get("type") == "image_data":
                 return item["image_data"]["data"]
     return None
