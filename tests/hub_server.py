@@ -223,12 +223,21 @@ class HubServer:
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until true or ``timeout``. A file or folder vanishing under the poll
+    (a download's temporary folder walked while it is removed) counts as "not yet"."""
+
+    def check() -> bool:
+        try:
+            return bool(predicate())
+        except FileNotFoundError:
+            return False
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if predicate():
+        if check():
             return True
         time.sleep(interval)
-    return predicate()
+    return check()
 
 
 def refused_url() -> str:
