@@ -112,18 +112,21 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
     assert '"lr": 0.0001' in plans[0] and plans[0] == plans[1]
 
 
-def test_label_only_head_is_refused_with_qlora(configs):
+def test_label_only_head_is_refused_over_a_4bit_head(configs):
     """Seen on an H200: the label-only head over a 4-bit output layer fails (CUBLAS); the config
-    says so before any GPU time is spent, and keeps it for bf16 LoRA."""
+    says so before any GPU time is spent. With the head kept bf16 (the default), or with bf16
+    LoRA, the pair is accepted."""
     import copy
 
     from vlmtune.config import ConfigError, validate
 
     cfg = copy.deepcopy(configs[0])
-    cfg["train"].update(method="qlora", label_only_head=True)
-    with pytest.raises(ConfigError, match="train.label_only_head: not available with method: qlora"):
+    cfg["train"].update(method="qlora", label_only_head=True, quantize_head=True)
+    with pytest.raises(ConfigError, match="train.label_only_head: does not work over a 4-bit output head"):
         validate(cfg)
-    cfg["train"]["method"] = "lora"
+    cfg["train"]["quantize_head"] = False
+    validate(cfg)
+    cfg["train"].update(method="lora", quantize_head=True)
     validate(cfg)
 
 

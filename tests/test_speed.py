@@ -208,19 +208,23 @@ def test_new_keys_render(tiny_model, tmp_path):
     assert (
         stock["label_only_head"] is False
         and stock["qlora_compute_dtype"] == "float16"
+        and stock["quantize_head"] is True
         and stock["fused_norm"] is False
     )
     text, _ = render(
         tiny_model,
         tmp_path / "train.json",
         tmp_path,
-        dict(train, label_only_head=True, qlora_compute_dtype="bfloat16", fused_norm=True),
+        dict(
+            train, label_only_head=True, qlora_compute_dtype="bfloat16", quantize_head=False, fused_norm=True
+        ),
     )
     (tmp_path / "fast.py").write_text(text)
     fast = launcher_settings(str(tmp_path / "fast.py"))
     assert (
         fast["label_only_head"] is True
         and fast["qlora_compute_dtype"] == "bfloat16"
+        and fast["quantize_head"] is False
         and fast["fused_norm"] is True
     )
 
@@ -234,7 +238,8 @@ def test_schema_and_overlay_accept_the_keys():
     cfg = validate(load(root / "config" / "config.yaml", root / "config" / "gpu-24g.yaml"))
     t = cfg["train"]
     assert t["method"] == "qlora" and t["gradient_checkpointing"] is True
-    assert t["label_only_head"] is False and t["qlora_compute_dtype"] == "bfloat16"
+    assert t["label_only_head"] is True and t["qlora_compute_dtype"] == "bfloat16"
+    assert t["quantize_head"] is False
     bad = load(root / "config" / "config.yaml")
     bad["train"]["qlora_compute_dtype"] = "float32"
     with pytest.raises(Exception, match="qlora_compute_dtype"):
@@ -247,3 +252,43 @@ def test_profile_summary_shape():
     p = speed.summarise_profile(prof, wall_s=0.5, iterations=2)
     assert set(p["share"]) == {*speed.CATEGORIES, "idle"} and p["iterations"] == 2
     assert p["share"]["idle"] == 1.0  # no device kernels on CPU
+
+
+def test_output_head_stays_out_of_4bit():
+    """``quantize_head: false``: XTuner's own BitsAndBytesConfig (skip list mlp1 + vision_model)
+    gains the LLM's output head, and transformers' 4-bit replacement then leaves exactly the head
+    (and what XTuner skips) as plain linear layers while the decoder's layers become 4-bit."""
+    import types
+
+    from torch import nn
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations import replace_with_bnb_linear
+
+    fake_internvl = types.SimpleNamespace(BitsAndBytesConfig=BitsAndBytesConfig)
+    speed.keep_output_head_unquantized(fake_internvl)
+    speed.keep_output_head_unquantized(fake_internvl)  # idempotent: one subclass, no repeats
+    cls = fake_internvl.BitsAndBytesConfig
+    assert cls is not BitsAndBytesConfig and cls.__bases__ == (BitsAndBytesConfig,)
+    config = cls(load_in_4bit=True, llm_int8_skip_modules=["mlp1", "vision_model"])
+    assert config.llm_int8_skip_modules == ["mlp1", "vision_model", *speed.HEAD_MODULES]
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.ModuleDict(dict(wqkv=nn.Linear(64, 64), w2=nn.Linear(64, 64)))
+            self.output = nn.Linear(64, 96)
+
+    model = nn.Module()
+    model.language_model, model.mlp1 = LM(), nn.Linear(64, 64)
+    model.vision_model = nn.ModuleDict(dict(fc1=nn.Linear(64, 64)))
+    model = replace_with_bnb_linear(
+        model, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config
+    )
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds == {
+        "language_model.model.wqkv": "Linear4bit",
+        "language_model.model.w2": "Linear4bit",
+        "language_model.output": "Linear",
+        "mlp1": "Linear",
+        "vision_model.fc1": "Linear",
+    }

@@ -183,12 +183,12 @@ def cross_key_problems(config: dict) -> list[str]:
             f"train.deepspeed: {train['deepspeed']} shards parameters and cannot hold 4-bit (qlora) "
             "weights; use zero1/zero2 or method: lora"
         )
-    if train["method"] == "qlora" and train["label_only_head"]:
-        # Seen on an H200 (bitsandbytes 0.50.2): the 4-bit output head on the labelled rows
+    if train["method"] == "qlora" and train["label_only_head"] and train["quantize_head"]:
+        # Seen on an H200 (bitsandbytes 0.50.2): a 4-bit output head on the labelled rows
         # fails with CUBLAS_STATUS_EXECUTION_FAILED (benchmarks/RESULTS.md, round 2).
         problems.append(
-            "train.label_only_head: not available with method: qlora yet (the 4-bit output head "
-            "fails on the GPU); set it to false, or use method: lora, where it is measured"
+            "train.label_only_head: does not work over a 4-bit output head (train.quantize_head: "
+            "true fails on the GPU); set quantize_head: false (the default) or label_only_head: false"
         )
     if config["evaluate"]["engine"] == "lmdeploy" and config["evaluate"]["gpus"] < 1:
         problems.append("evaluate.gpus: the lmdeploy engine needs a GPU; use engine: transformers on CPU")

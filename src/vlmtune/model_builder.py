@@ -291,7 +291,13 @@ def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str], tail: li
     )
 
 
-def build(out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None) -> Path:
+def build(
+    out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None, device: str = "cpu"
+) -> Path:
+    """Write a randomly initialised InternVL2 of ``preset``'s architecture (the real remote-code
+    classes), with a tokenizer trained on the corpus, to ``out`` (atomically). ``device``: where
+    the weights are initialised (``cuda`` makes the exact-size 8B and 26B quick to build); the
+    files are the same format either way."""
     import torch
     from transformers import AutoConfig, AutoModel
 
@@ -307,7 +313,8 @@ def build(out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | No
         tokenizer.save_pretrained(tmp)
         config = AutoConfig.from_pretrained(tmp, trust_remote_code=True)
         torch.manual_seed(seed)
-        model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
+        with torch.device(device):
+            model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         # save_pretrained rewrites config.json with the temporary folder's name: make the
         # build reproducible byte for byte. The remote code must stay beside it.
@@ -363,8 +370,9 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where to initialise the weights (cpu | cuda)")
     args = ap.parse_args(argv)
-    path = build(args.out, args.preset, args.seed)
+    path = build(args.out, args.preset, args.seed, device=args.device)
     print(f"built {args.preset} InternVL2 at {path}: {count_parameters(path):,} parameters")
 
 

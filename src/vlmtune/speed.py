@@ -19,6 +19,14 @@ the built model, never by editing XTuner's or the model's files.
   dequantised bf16 weight to fp16 and the fp16 output back to bf16. ``bfloat16`` sets the compute
   dtype of every bitsandbytes ``Linear4bit`` to bf16: no casts (the dequantised weight is bf16
   either way).
+- ``quantize_head`` (``train.quantize_head``): XTuner's QLoRA quantises every linear layer of the
+  LLM to 4-bit nf4, the 92,553-wide output head included (its ``BitsAndBytesConfig`` names only
+  ``mlp1`` and ``vision_model`` to skip, which also switches off transformers' own habit of
+  keeping the output head in full precision). ``false`` adds the head (``language_model.output``
+  for InternLM2, ``language_model.lm_head`` for Phi-3) to the skip list, so it stays bf16 with its
+  LoRA adapter: 0.38 GB instead of 0.1 GB of weights, no dequantisation of the largest matrix at
+  every step, and the label-only head runs over it (over a 4-bit head it failed on the GPU).
+  The merge is unchanged: ``convert_to_official`` merges the adapters into the bf16 base either way.
 - ``fused_norm`` (``train.fused_norm``): InternLM2's RMSNorm runs six element-wise kernels
   (fp32 cast, square, mean, rsqrt, multiply, cast back, weight multiply) and its MLP two more for
   SiLU and the gate product; the lever routes both through ``torch.compile``d functions of the same
@@ -125,6 +133,30 @@ def install_label_only_head(model_cls=None) -> None:
 
     model_cls._llm_forward = _llm_forward
     model_cls._vlmtune_label_only_installed = True
+
+
+# ---------------------------------------------------------------- output head outside 4-bit
+HEAD_MODULES = ("language_model.output", "language_model.lm_head")
+
+
+def keep_output_head_unquantized(internvl_module=None) -> None:
+    """Make XTuner's ``InternVL_V1_5`` build its ``BitsAndBytesConfig`` with the LLM's output head
+    among the modules left unquantised (``llm_int8_skip_modules``). Idempotent."""
+    if internvl_module is None:
+        import xtuner.model.internvl as internvl_module
+    original = internvl_module.BitsAndBytesConfig
+    if getattr(original, "_vlmtune_keeps_head", False):
+        return
+
+    class HeadKeepingBitsAndBytesConfig(original):
+        _vlmtune_keeps_head = True
+
+        def __init__(self, *args, llm_int8_skip_modules=None, **kwargs):
+            skip = list(llm_int8_skip_modules or [])
+            skip += [m for m in HEAD_MODULES if m not in skip]
+            super().__init__(*args, llm_int8_skip_modules=skip, **kwargs)
+
+    internvl_module.BitsAndBytesConfig = HeadKeepingBitsAndBytesConfig
 
 
 # ---------------------------------------------------------------- 4-bit compute dtype

@@ -55,6 +55,7 @@ SETTINGS = (
     "iteration_log",
     "label_only_head",
     "qlora_compute_dtype",
+    "quantize_head",
     "fused_norm",
 )
 # Speed levers the launcher (vlmtune.xtuner_main) applies; absent keys keep XTuner's stock behaviour.
@@ -66,6 +67,7 @@ LAUNCHER_LEVERS = dict(
     iteration_log=False,
     label_only_head=False,
     qlora_compute_dtype="float16",
+    quantize_head=True,
     fused_norm=False,
 )
 

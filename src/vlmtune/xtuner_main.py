@@ -21,8 +21,9 @@ XTuner tool read it unchanged, and the weights the levers train are the same):
   ``width``/``height``, from which the exact tile count follows (XTuner's own tiling arithmetic),
   so micro-batches hold samples of similar real length and padding shrinks;
 - ``iteration_log``: registers ``vlmtune.iteration_log``'s hook (per-iteration figures);
-- ``label_only_head``, ``qlora_compute_dtype``, ``fused_norm``: ``vlmtune.speed`` (the LLM's output
-  head and loss only at labelled positions; bf16 compute for the 4-bit layers; fused RMSNorm/SwiGLU).
+- ``label_only_head``, ``qlora_compute_dtype``, ``quantize_head``, ``fused_norm``: ``vlmtune.speed``
+  (the LLM's output head and loss only at labelled positions; bf16 compute for the 4-bit layers;
+  the output head kept out of 4-bit; fused RMSNorm/SwiGLU).
 
 Benchmark-only environment variables (``benchmarks/train_gpu.py``): ``VLMTUNE_CUDA_MEMORY_GIB``
 caps this process's CUDA memory (``torch.cuda.set_per_process_memory_fraction``: a smaller GPU's
@@ -91,6 +92,8 @@ def install_levers(settings: dict) -> None:
     from . import speed
     from .attention import apply
 
+    if not settings["quantize_head"]:
+        speed.keep_output_head_unquantized()
     model_init = InternVL_V1_5.__init__
 
     def init_model(self, *args, **kwargs):
