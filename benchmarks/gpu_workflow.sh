@@ -3,7 +3,7 @@
 # overlay that only points model/dataset at local folders, sets one GPU and caps the training
 # iterations and evaluated records. Every rule of `rule all` runs: fetch (local), convert,
 # validate, render, train (QLoRA, the default), merge, evaluate base and fine-tuned with LMDeploy,
-# reference NLL, score, report. Then the same records are answered by the transformers engine and
+# reference NLL, metrics, report. Then the same records are answered by the transformers engine and
 # benchmarks/gpu_workflow_report.py prints the job table, peak GPU memory and the engine comparison.
 #
 # Model: the exact-size InternVL2-2B with random weights (vlmtune.model_builder --preset full), in

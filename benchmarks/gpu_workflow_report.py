@@ -75,7 +75,7 @@ def training_digests(model: Path, image_folder: Path, records: list[dict]) -> di
     from xtuner.dataset.internvl_dataset import InternVL_V1_5_Dataset
     from xtuner.utils import IGNORE_INDEX, PROMPT_TEMPLATE
 
-    from vlmtune.lmdeploy_engine import ids_digest
+    from vlmtune.hashing import ids_digest
 
     samples = [
         dict(

@@ -16,7 +16,7 @@ def demo_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from vlmtune.demo import build_model
+    from vlmtune.demo_model import build_model
 
     return build_model(tmp_path_factory.mktemp("model") / "InternVL2-tiny", seed=0)
 
@@ -94,12 +94,22 @@ def run_snakemake(workdir: Path, *args, check=True, env=None):
     return proc
 
 
+# Where the demo run's processes wrote the vlmtune modules they ran (tests/trace_site).
+DEMO_MODULE_TRACE: dict = {}
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """The whole demo, run ONCE per session (CPU time is scarce) in a copy of the workflow, with
-    PLANTED_TOKEN in HF_TOKEN. Tests that change the copy must restore it."""
+    PLANTED_TOKEN in HF_TOKEN. Tests that change the copy must restore it. Every Python process
+    of the run records the vlmtune modules it runs (DEMO_MODULE_TRACE["dir"]; test_code_hash)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("demo_wf"))
-    run_snakemake(workdir, "-j2", "--configfile", "config/demo.yaml", env={"HF_TOKEN": PLANTED_TOKEN})
+    trace = tmp_path_factory.mktemp("demo_module_trace")
+    site = str(Path(__file__).resolve().parent / "trace_site")
+    path = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    env = {"HF_TOKEN": PLANTED_TOKEN, "PYTHONPATH": path, "VLMTUNE_TRACE_MODULES": str(trace)}
+    run_snakemake(workdir, "-j2", "--configfile", "config/demo.yaml", env=env)
+    DEMO_MODULE_TRACE.update(dir=trace, workdir=workdir)
     return workdir
 
 

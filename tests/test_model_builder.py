@@ -41,7 +41,7 @@ def test_tiny_model_round_trip(tiny_model):
 
 
 def test_builder_is_deterministic(tiny_model, tmp_path):
-    from vlmtune.demo import build_model
+    from vlmtune.demo_model import build_model
 
     again = build_model(tmp_path / "InternVL2-tiny", seed=0)
     for name in ["model.safetensors", "tokenizer.json", "config.json"]:

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import PREDICTION_FIELDS as FIELDS
-from vlmtune import evaluate, metrics, report
+from vlmtune import evaluate, metrics, reference_nll, report
 
 GEN = dict(max_new_tokens=6, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
 
@@ -88,7 +88,7 @@ def run(tmp_path_factory, tiny_model, demo_dataset):
         evaluate.generate(
             model, eval_path, demo_dataset, "transformers", out / "predictions.jsonl", GEN, batch_size=2
         )
-        evaluate.reference_nll(model, eval_path, demo_dataset, out / "reference_nll.jsonl")
+        reference_nll.reference_nll(model, eval_path, demo_dataset, out / "reference_nll.jsonl")
         metrics.score(
             out / "predictions.jsonl",
             out / "metrics.json",

@@ -155,26 +155,17 @@ def build_clot_like(
     return Path(out)
 
 
-def build_model(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
-    """A tiny InternVL2 of a model-builder preset: ``tiny`` (the 2B's InternLM2), ``tiny-4b``
-    (Phi-3), ``tiny-8b`` (InternLM2.5)."""
-    from . import model_builder
-
-    return model_builder.build(out, preset, seed, corpus=JOKES + QUESTIONS)
-
-
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Build the embedded demo's model or dataset.")
-    ap.add_argument("what", choices=["dataset", "model", "clot-like"])
+    ap = argparse.ArgumentParser(
+        description="Build the embedded demo's dataset (its model: vlmtune.demo_model)."
+    )
+    ap.add_argument("what", choices=["dataset", "clot-like"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--records", type=int, default=2000, help="clot-like: number of records")
-    ap.add_argument("--preset", default="tiny", help="model: the model builder's preset (tiny, tiny-4b, …)")
     args = ap.parse_args(argv)
     if args.what == "clot-like":
         path = build_clot_like(args.out, args.records, args.seed)
-    elif args.what == "model":
-        path = build_model(args.out, args.seed, args.preset)
     else:
         path = build_dataset(args.out, args.seed)
     print(f"built demo {args.what} at {path}")

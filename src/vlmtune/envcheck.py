@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import re
 import runpy
@@ -23,6 +24,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def xtuner_root() -> Path:
+    """The installed ``xtuner`` package folder, whose files the steps use as they are: the
+    InternVL model code the model builder copies, ``convert_to_official.py`` the merge runs."""
+    spec = importlib.util.find_spec("xtuner")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("xtuner is not installed: run `make venv` (or use envs/xtuner.yaml)")
+    return Path(list(spec.submodule_search_locations)[0])
+
 
 # family -> conda env, pip requirement files (used without conda, later files win), and the key
 # packages (distribution name -> import name) a step of that family cannot run without.

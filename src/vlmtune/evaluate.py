@@ -1,5 +1,5 @@
-"""Batch generation over the held-out evaluation records, with the training prompt, and the
-teacher-forced loss of every reference answer (reference NLL, for perplexity and preferences).
+"""Batch generation over the held-out evaluation records, with the training prompt (the reference
+answers' teacher-forced loss is ``vlmtune.reference_nll``).
 
 Engines: ``transformers`` (CPU or GPU; the model's remote code, batched, left-padded) and
 ``lmdeploy`` (GPUs; its batch pipeline, ``vlmtune.lmdeploy_engine``). Both write the same
@@ -13,8 +13,6 @@ first generated token over the runner-up (how clear the greedy choice was).
         --eval results/converted/x/eval.jsonl --image-folder data/datasets/x \
         --engine transformers --generation '{"max_new_tokens": 64, ...}' \
         --out results/eval/my/finetuned/predictions.jsonl
-    python -m vlmtune.evaluate nll --model ... --eval ... --image-folder ... \
-        --out results/eval/my/finetuned/reference_nll.jsonl
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_file
-from .jsonl import iter_jsonl
+from .heldout import read_eval
 from .provenance import write_for_evaluation
 from .transformers_engine import (  # noqa: F401 (evaluate.TransformersEngine, as before)
     ENGINE_ENVS,
@@ -35,24 +33,11 @@ from .transformers_engine import (  # noqa: F401 (evaluate.TransformersEngine, a
     require,
 )
 
+# The schema's enums of evaluate.engine and evaluate.lmdeploy_backend (tests/test_evaluate.py
+# holds them equal; this module runs in the LMDeploy env, which does not read the schema).
+ENGINES = ("lmdeploy", "transformers")
+LMDEPLOY_BACKENDS = ("pytorch", "turbomind")
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
-
-
-def read_eval(path: Path, limit: int | None = None) -> list[dict]:
-    """The held-out records (``eval.jsonl``, the project's one JSONL reader: lines split on
-    ``\\n`` only, BOM tolerated); EvaluateError naming file:line for a bad line or a missing key."""
-    records = []
-    for line in iter_jsonl(path):
-        if line.error is not None:
-            raise EvaluateError(str(line.error))
-        rec = line.value
-        missing = [
-            k for k in ("id", "image", "question", "references") if not isinstance(rec, dict) or k not in rec
-        ]
-        if missing:
-            raise EvaluateError(f"{line.where}: record lacks {', '.join(missing)}")
-        records.append(rec)
-    return records[:limit] if limit else records
 
 
 def check_generation(gen: dict) -> dict:
@@ -136,65 +121,38 @@ def generate(
     return len(records)
 
 
-def reference_nll(
-    model: Path, eval_path: Path, image_folder: Path, out: Path, max_records: int | None = None
-) -> int:
-    from tqdm import tqdm
-
-    records = read_eval(eval_path, max_records)
-    runner = TransformersEngine(model)
-    with atomic_file(out) as fh:
-        for rec in tqdm(records, desc="reference NLL", unit="record", mininterval=5, file=sys.stderr):
-            row = dict(
-                id=rec["id"],
-                type=rec.get("type"),
-                references=runner.reference_nll(rec, image_folder),
-                engine="transformers",
-                engine_version=runner.version,
-                model=str(model),
-            )
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(records)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="task", required=True)
-    for task in ("generate", "nll"):
-        p = sub.add_parser(task)
-        p.add_argument("--model", required=True, type=Path)
-        p.add_argument("--eval", required=True, type=Path)
-        p.add_argument("--image-folder", required=True, type=Path)
-        p.add_argument("--max-records", type=int)
-        p.add_argument("--out", required=True, type=Path)
-        if task == "generate":
-            p.add_argument("--engine", required=True, choices=["transformers", "lmdeploy"])
-            p.add_argument("--generation", required=True, help="JSON: " + ", ".join(GENERATION_KEYS))
-            p.add_argument("--batch-size", type=int, default=8)
-            p.add_argument("--session-len", type=int, default=8192)
-            p.add_argument("--lmdeploy-backend", choices=["pytorch", "turbomind"], default="pytorch")
+    ap.add_argument("task", choices=["generate"], help="kept for the commands of earlier runs")
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--eval", required=True, type=Path)
+    ap.add_argument("--image-folder", required=True, type=Path)
+    ap.add_argument("--max-records", type=int)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--engine", required=True, choices=ENGINES)
+    ap.add_argument("--generation", required=True, help="JSON: " + ", ".join(GENERATION_KEYS))
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--session-len", type=int, default=8192)
+    ap.add_argument("--lmdeploy-backend", choices=LMDEPLOY_BACKENDS, default="pytorch")
     a = ap.parse_args(argv)
+    generation = json.loads(a.generation)
     try:
-        if a.task == "generate":
-            n = generate(
-                a.model,
-                a.eval,
-                a.image_folder,
-                a.engine,
-                a.out,
-                json.loads(a.generation),
-                a.batch_size,
-                a.session_len,
-                a.max_records,
-                a.lmdeploy_backend,
-            )
-        else:
-            n = reference_nll(a.model, a.eval, a.image_folder, a.out, a.max_records)
+        n = generate(
+            a.model,
+            a.eval,
+            a.image_folder,
+            a.engine,
+            a.out,
+            generation,
+            a.batch_size,
+            a.session_len,
+            a.max_records,
+            a.lmdeploy_backend,
+        )
     except EvaluateError as exc:
         raise SystemExit(str(exc)) from None
-    print(f"[vlmtune.evaluate] {a.task}: {n} records -> {a.out}")
-    if a.task == "generate":
-        write_for_evaluation(a.model, a.eval, a.image_folder, a.out, a.engine, json.loads(a.generation))
+    print(f"[vlmtune.evaluate] generate: {n} records -> {a.out}")
+    write_for_evaluation(a.model, a.eval, a.image_folder, a.out, a.engine, generation)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Content hashes shared by the steps (fetch manifests, provenance records)."""
+"""Content hashes shared by the steps (fetch manifests, provenance records, prompt ids)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 
@@ -13,3 +14,9 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def ids_digest(ids) -> str:
+    """A short, engine-independent fingerprint of a token id sequence (both evaluation engines
+    record it per prompt, so their prompts compare without storing the ids)."""
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:16]

@@ -19,11 +19,11 @@ compared token for token with the transformers engine and with training.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
 
+from .hashing import ids_digest
 from .prompt import IMG_CONTEXT, chat_format, user_text
 
 BACKENDS = ("pytorch", "turbomind")
@@ -31,11 +31,6 @@ BACKENDS = ("pytorch", "turbomind")
 
 class LMDeployError(Exception):
     pass
-
-
-def ids_digest(ids) -> str:
-    """A short, engine-independent fingerprint of a token id sequence."""
-    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()[:16]
 
 
 def tiling(model_dir: Path) -> dict:

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_dir, write_json
-from .model_builder import xtuner_root
+from .envcheck import xtuner_root
 from .provenance import write_for_merge
 
 # LLM linears that LoRA (target_modules=None: every linear of the LLM) merges into.

@@ -7,7 +7,7 @@ tokenizer drops every Chinese character), CIDEr-D from pycocoevalcap (its ``Cide
 CIDEr-D of coco-caption: clipped counts, Gaussian length penalty, sigma 6, x10) on jieba words.
 Beside them: distinct-1/2 over jieba words, lengths in characters, the rate of predictions
 that repeat a training response verbatim, the reference NLL/perplexity (teacher-forced, from
-``vlmtune.evaluate nll``) and the pairwise preference accuracy over starred references.
+``vlmtune.reference_nll``) and the pairwise preference accuracy over starred references.
 Intervals: percentile bootstrap over records (over pairs for preferences) by scipy.
 
     python -m vlmtune.metrics --predictions results/eval/my/base/predictions.jsonl \
@@ -298,7 +298,7 @@ def score(
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--predictions", required=True, type=Path)
-    ap.add_argument("--nll", type=Path, help="reference_nll.jsonl of vlmtune.evaluate nll")
+    ap.add_argument("--nll", type=Path, help="reference_nll.jsonl of vlmtune.reference_nll")
     ap.add_argument("--train", type=Path, help="the training file, for the copy rate")
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: no intervals)")
     ap.add_argument("--seed", type=int, default=0)

@@ -12,12 +12,12 @@ and holds InternVL2's special tokens at the same positions relative to the vocab
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 from .atomic import atomic_dir
+from .envcheck import xtuner_root
 
 REMOTE_CODE = Path(__file__).parent / "remote_code"
 # (sub-package of xtuner, file) pairs shipped by xtuner 0.2.0 (docs/xtuner.md, "Model code in the
@@ -140,13 +140,6 @@ _CORPUS = [
     "月亮不睡你不睡,你是秃头小宝贝。",
     "我不是胖,我只是对地球的爱比较沉重。",
 ]
-
-
-def xtuner_root() -> Path:
-    spec = importlib.util.find_spec("xtuner")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("xtuner is not installed: run `make venv` (or use envs/xtuner.yaml)")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def copy_model_code(out: Path) -> list[str]:

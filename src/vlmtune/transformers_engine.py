@@ -11,14 +11,11 @@ import re
 import sys
 from pathlib import Path
 
-from .lmdeploy_engine import ids_digest
+from .hashing import ids_digest
+from .heldout import EvaluateError
 from .prompt import IMG_CONTEXT, chat_format, image_tokens
 
 ENGINE_ENVS = {"lmdeploy": "envs/lmdeploy.yaml", "transformers": "envs/xtuner.yaml"}
-
-
-class EvaluateError(Exception):
-    pass
 
 
 def require(module: str, engine: str):

@@ -22,6 +22,7 @@ from pathlib import Path
 from string import Template
 
 from .atomic import atomic_file, write_json
+from .levers import LAUNCHER_LEVERS
 
 # The train keys render() reads. The workflow passes only these to render_xtuner_config, so a
 # change to any other train key (resources, deepspeed) does not re-render the config.
@@ -57,18 +58,6 @@ SETTINGS = (
     "qlora_compute_dtype",
     "quantize_head",
     "fused_norm",
-)
-# Speed levers the launcher (vlmtune.xtuner_main) applies; absent keys keep XTuner's stock behaviour.
-LAUNCHER_LEVERS = dict(
-    attention="eager",
-    gradient_checkpointing=True,
-    group_by_exact_length=False,
-    cuda_expandable_segments=False,
-    iteration_log=False,
-    label_only_head=False,
-    qlora_compute_dtype="float16",
-    quantize_head=True,
-    fused_norm=False,
 )
 
 TEMPLATE = Template("""\

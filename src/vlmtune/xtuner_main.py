@@ -39,7 +39,7 @@ import os
 import runpy
 import sys
 
-from vlmtune.xtuner_config import LAUNCHER_LEVERS as DEFAULTS
+from vlmtune.levers import LAUNCHER_LEVERS as DEFAULTS
 
 KEY = "vlmtune_launcher"
 

@@ -81,7 +81,7 @@ GENERATION = {
 }
 
 
-# {variant}: the base or the fine-tuned model (evaluate, reference_nll, score).
+# {variant}: the base or the fine-tuned model (evaluate, reference_nll, metrics).
 wildcard_constraints:
     variant="base|finetuned",
 

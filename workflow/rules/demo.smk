@@ -8,7 +8,7 @@ rule demo_model:
     output:
         directory(f"data/demo/InternVL2-{DEMO_MODEL_PRESET}"),
     params:
-        code=code_hash("demo", "remote_code"),
+        code=code_hash("demo_model", "remote_code"),
         seed=0,
         preset=DEMO_MODEL_PRESET,
     log:
@@ -20,7 +20,7 @@ rule demo_model:
         runtime=10,
     shell:
         (
-            "python_xtuner -m vlmtune.demo model --out {output} --seed {params.seed}"
+            "python_xtuner -m vlmtune.demo_model --out {output} --seed {params.seed}"
             " --preset {params.preset} > {log} 2>&1"
         )
 

@@ -54,7 +54,7 @@ rule reference_nll:
     output:
         REFERENCE_NLL,
     params:
-        code=code_hash("evaluate"),
+        code=code_hash("reference_nll"),
         max_records=EVAL_MAX_RECORDS,
     log:
         f"logs/{RUN}/reference_nll_{{variant}}.log",
@@ -63,11 +63,11 @@ rule reference_nll:
     resources:
         **EVAL_RESOURCES,
     shell:
-        "python_xtuner -m vlmtune.evaluate nll --model {input.model} --eval {input.eval}"
+        "python_xtuner -m vlmtune.reference_nll --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} {params.max_records} --out {output} > {log} 2>&1"
 
 
-rule score:
+rule metrics:
     input:
         predictions=PREDICTIONS,
         nll=REFERENCE_NLL,
