@@ -99,11 +99,13 @@ NEW_LEVERS_ON = dict(label_only_head=True, qlora_compute_dtype="bfloat16", quant
 def project_settings(per_gpu_global_batch: int, *overlays: str) -> dict:
     """``config/config.yaml`` (+ overlays), on one GPU with the tutorial's per-GPU share of the
     global batch."""
-    from vlmtune.config import load, validate
+    from vlmtune.config import load, validate_config
 
     # validate fills what the config leaves null (deepspeed, gpus, ...) from the model preset
     train = dict(
-        validate(load(ROOT / "config" / "config.yaml", *(ROOT / "config" / o for o in overlays)))["train"]
+        validate_config(load(ROOT / "config" / "config.yaml", *(ROOT / "config" / o for o in overlays)))[
+            "train"
+        ]
     )
     for key in ("mem_mb", "runtime", "cpus_per_task", "nodes", "gpu_model"):
         train.pop(key, None)

@@ -1,12 +1,12 @@
 import pytest
 
-from vlmtune.config import ConfigError, deep_merge, validate
+from vlmtune.config import ConfigError, deep_merge, validate_config
 
 
 def test_shipped_configs_are_valid(configs):
     default, demo = configs
-    validate(default)
-    validate(demo)
+    validate_config(default)
+    validate_config(demo)
     assert default["model"]["repo_id"] == "OpenGVLab/InternVL2-2B"
     assert default["train"]["gpus"] == 4 and default["train"]["deepspeed"] == "zero1"
     assert demo["model"]["source"] == "local"
@@ -38,7 +38,7 @@ def test_shipped_configs_are_valid(configs):
 )
 def test_invalid_values_name_the_key(configs, overlay, message):
     with pytest.raises(ConfigError) as err:
-        validate(deep_merge(configs[0], overlay))
+        validate_config(deep_merge(configs[0], overlay))
     assert message in str(err.value)
 
 
@@ -74,7 +74,7 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
     overlay = yaml.safe_load("train:\n  lr: 1e-4\n  betas: [0.9, 1e-1]\n  warmup_ratio: 3e-2\n")
     assert overlay["train"]["lr"] == "1e-4"
     config = deep_merge(configs[0], overlay)
-    assert validate(config) is config
+    assert validate_config(config) is config
     assert (
         config["train"]["lr"] == 1e-4
         and config["train"]["betas"] == [0.9, 0.1]
@@ -82,11 +82,11 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
     )
     assert isinstance(config["train"]["lr"], float)
     with pytest.raises(ConfigError, match="train.lr: 'fast' has the wrong type"):
-        validate(deep_merge(configs[0], {"train": {"lr": "fast"}}))
+        validate_config(deep_merge(configs[0], {"train": {"lr": "fast"}}))
     with pytest.raises(
         ConfigError, match="train.lr: '-1e-4' is out of range|train.lr: -0.0001 is out of range"
     ):
-        validate(deep_merge(configs[0], {"train": {"lr": "-1e-4"}}))
+        validate_config(deep_merge(configs[0], {"train": {"lr": "-1e-4"}}))
     # Snakemake reads the same file: the dry run plans the run with the number (same params as 1.0e-4).
     plans = []
     for text in ("1e-4", "1.0e-4"):
@@ -118,16 +118,16 @@ def test_label_only_head_is_refused_over_a_4bit_head(configs):
     LoRA, the pair is accepted."""
     import copy
 
-    from vlmtune.config import ConfigError, validate
+    from vlmtune.config import ConfigError, validate_config
 
     cfg = copy.deepcopy(configs[0])
     cfg["train"].update(method="qlora", label_only_head=True, quantize_head=True)
     with pytest.raises(ConfigError, match="train.label_only_head: does not work over a 4-bit output head"):
-        validate(cfg)
+        validate_config(cfg)
     cfg["train"]["quantize_head"] = False
-    validate(cfg)
+    validate_config(cfg)
     cfg["train"].update(method="lora", quantize_head=True)
-    validate(cfg)
+    validate_config(cfg)
 
 
 def test_extraction_limits_reach_the_fetch_step(tmp_path):
@@ -190,7 +190,7 @@ def test_a_key_left_out_gets_the_schema_default(configs):
     cfg = configs[0]
     del cfg["evaluate"]["cpus_per_task"], cfg["conversion"]["types"], cfg["validation"]
     cfg.pop("extraction", None)
-    validate(cfg)
+    validate_config(cfg)
     assert cfg["evaluate"]["cpus_per_task"] == 8  # config/config.yaml's, not a rule's fallback
     assert cfg["conversion"]["types"] == ["I2T", "T2T", "IT2T"]
     assert cfg["validation"] == {"on_too_long": "drop", "workers": 2}
@@ -204,7 +204,7 @@ def test_a_given_value_wins_over_the_default(configs):
         configs[0],
         {"evaluate": {"cpus_per_task": 3}, "extraction": {"max_ratio": 7}, "train": {"lora": {"r": 4}}},
     )
-    validate(cfg)
+    validate_config(cfg)
     assert cfg["evaluate"]["cpus_per_task"] == 3
     assert cfg["extraction"] == {"max_bytes": 17179869184, "max_ratio": 7}  # the rest filled
     assert cfg["train"]["lora"]["r"] == 4
@@ -214,7 +214,7 @@ def test_defaults_fill_before_the_preset_and_keep_its_nulls(configs):
     cfg = configs[0]
     for key in ("mem_mb", "runtime"):
         del cfg["train"][key]  # left out: the schema's null, then the preset's value
-    validate(cfg)
+    validate_config(cfg)
     assert (cfg["train"]["mem_mb"], cfg["train"]["runtime"]) == (160000, 360)
 
 

@@ -108,14 +108,14 @@ def test_render_refuses_a_model_of_another_llm(tiny, tmp_path):
 
 
 def test_26b_method_and_zero_stage():
-    from vlmtune.config import ConfigError, load, validate
+    from vlmtune.config import ConfigError, load, validate_config
 
     base = load(ROOT / "config" / "config.yaml")
-    qlora = validate({**copy.deepcopy(base), "model": {**base["model"], "preset": "InternVL2-26B"}})
+    qlora = validate_config({**copy.deepcopy(base), "model": {**base["model"], "preset": "InternVL2-26B"}})
     assert (qlora["train"]["gpus"], qlora["train"]["deepspeed"]) == (8, "zero2")
     lora = copy.deepcopy(base)
     lora["model"]["preset"], lora["train"]["method"] = "InternVL2-26B", "lora"
-    assert validate(lora)["train"]["deepspeed"] == "zero3"
+    assert validate_config(lora)["train"]["deepspeed"] == "zero3"
     bad = copy.deepcopy(base)
     bad["model"]["preset"], bad["train"]["method"], bad["train"]["deepspeed"] = (
         "InternVL2-26B",
@@ -123,7 +123,7 @@ def test_26b_method_and_zero_stage():
         "zero2",
     )
     with pytest.raises(ConfigError, match="52 GB"):
-        validate(bad)
+        validate_config(bad)
 
 
 @pytest.mark.parametrize(

@@ -232,10 +232,10 @@ def test_new_keys_render(tiny_model, tmp_path):
 def test_schema_and_overlay_accept_the_keys():
     from pathlib import Path
 
-    from vlmtune.config import load, validate
+    from vlmtune.config import load, validate_config
 
     root = Path(__file__).resolve().parents[1]
-    cfg = validate(load(root / "config" / "config.yaml", root / "config" / "gpu-24g.yaml"))
+    cfg = validate_config(load(root / "config" / "config.yaml", root / "config" / "gpu-24g.yaml"))
     t = cfg["train"]
     assert t["method"] == "qlora" and t["gradient_checkpointing"] is True
     assert t["label_only_head"] is True and t["qlora_compute_dtype"] == "bfloat16"
@@ -243,7 +243,7 @@ def test_schema_and_overlay_accept_the_keys():
     bad = load(root / "config" / "config.yaml")
     bad["train"]["qlora_compute_dtype"] = "float32"
     with pytest.raises(Exception, match="qlora_compute_dtype"):
-        validate(bad)
+        validate_config(bad)
 
 
 def test_profile_summary_shape():

@@ -70,19 +70,19 @@ def test_demo_end_to_end(demo_run):
 @pytest.mark.slow
 def test_merge_check_catches_a_mismatched_checkpoint(demo_run):
     """A checkpoint whose names drifted loads as a silent no-op under strict=False: caught."""
-    from vlmtune.merge import MergeCheckError, check, load_checkpoint
+    from vlmtune.merge import MergeCheckError, check_merged, load_checkpoint
 
     workflow_copy = demo_run
     train_result = workflow_copy / "results/train/demo/train_result.json"
     trained = load_checkpoint(json.loads(train_result.read_text())["checkpoint"])
     base = workflow_copy / "data/models/InternVL2-tiny"
     merged = workflow_copy / "results/merged/InternVL2-tiny-demo"
-    check(base, merged, trained)  # the real pair passes
+    check_merged(base, merged, trained)  # the real pair passes
     with pytest.raises(MergeCheckError, match="do not carry the checkpoint's update"):
-        check(base, base, trained)  # the base saved as if merged
+        check_merged(base, base, trained)  # the base saved as if merged
     drifted = {k.replace("mlp1.", "projector."): v for k, v in trained.items()}
     with pytest.raises(MergeCheckError, match="no counterpart|no trained projector"):
-        check(base, merged, drifted)
+        check_merged(base, merged, drifted)
 
 
 @pytest.mark.slow

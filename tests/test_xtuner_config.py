@@ -78,6 +78,7 @@ LEVERS = {
     "iteration_log": True,
     "label_only_head": True,
     "qlora_compute_dtype": "bfloat16",
+    "quantize_head": False,
     "fused_norm": True,
     "max_iters": 12,
 }
@@ -97,6 +98,7 @@ def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
         iteration_log=False,
         label_only_head=False,
         qlora_compute_dtype="float16",
+        quantize_head=True,
         fused_norm=False,
     )
     cfg = load(text, tmp_path)
@@ -134,7 +136,8 @@ def test_project_gpu_defaults(configs):
     assert train["attention"] == "sdpa" and train["group_by_exact_length"] is True
     # QLoRA is the product's method (the tutorial's); bf16 LoRA is a documented choice
     assert train["method"] == "qlora" and train["cuda_expandable_segments"] is True
-    assert train["label_only_head"] is False and train["qlora_compute_dtype"] == "bfloat16"
+    assert train["label_only_head"] is True and train["qlora_compute_dtype"] == "bfloat16"
+    assert train["quantize_head"] is False  # the label-only head needs a bf16 head under QLoRA
     # the global batch of the tutorial (8 x 2 x 4 GPUs) is kept whatever the micro-batch
     assert train["global_batch_size"] == 64
 
@@ -200,10 +203,10 @@ def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
     """config/tutorial.yaml over the shipped config gives back the tutorial's exact settings."""
     from conftest import ROOT
     from vlmtune.config import load as load_config
-    from vlmtune.config import validate
+    from vlmtune.config import validate_config
     from vlmtune.xtuner_main import launcher_settings
 
-    config = validate(load_config(ROOT / "config" / "config.yaml", ROOT / "config" / "tutorial.yaml"))
+    config = validate_config(load_config(ROOT / "config" / "config.yaml", ROOT / "config" / "tutorial.yaml"))
     text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", config["train"])
     (tmp_path / "tutorial.py").write_text(text)
     assert launcher_settings(str(tmp_path / "tutorial.py")) == dict(
@@ -214,6 +217,7 @@ def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
         iteration_log=False,
         label_only_head=False,
         qlora_compute_dtype="float16",
+        quantize_head=True,
         fused_norm=False,
     )
     cfg = load(text, tmp_path)

@@ -132,7 +132,7 @@ def fill_defaults(config: dict, schema: dict, root: dict | None = None) -> dict:
     return config
 
 
-def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
+def validate_config(config: dict, schema_path: Path = SCHEMA) -> dict:
     """Check a config against the schema and the cross-key rules, completing it in place.
 
     Inputs: the merged config (Snakemake's ``config`` object, or ``load(...)``'s). In place:
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("configs", nargs="+")
     args = ap.parse_args(argv)
     try:
-        validate(load(*args.configs))
+        validate_config(load(*args.configs))
     except ConfigError as exc:
         raise SystemExit(str(exc)) from None
     print("configuration is valid")

@@ -58,6 +58,8 @@ FIELD_TYPES = {
 
 
 class BadRecord(ValueError):
+    """A record the converter cannot use: the ``reason`` counted in the report, where (file:line) and what."""
+
     def __init__(self, reason: str, where: str, detail: str):
         super().__init__(f"{where}: {reason}: {detail}")
         self.reason, self.where, self.detail = reason, where, detail
@@ -193,34 +195,35 @@ def held_out_images(
         pool = [n for n in pool if n not in failed]
 
 
-def convert(
-    dataset: Path,
-    language: str = "cn",
-    default_question: str = DEFAULT_QUESTION,
-    on_bad_record: str = "skip",
-    eval_images: int = 0,
-    split_seed: int = 0,
-    workers: int = 8,
-    types: list[str] | None = None,
-) -> tuple[list[dict], list[dict], dict]:
-    """Return (train samples, eval records, report). Nothing is written."""
-    dataset = Path(dataset)
-    source = dataset / f"{language}.jsonl"
-    if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file (conversion.language {language!r})")
-    types = list(types) if types else list(RECORD_TYPES)
-    images_dir = dataset / "images"
-    read, candidates, skipped, errors, first_seen = 0, [], defaultdict(list), [], {}
+class Skips:
+    """The records left out, by reason, with where each was; with ``on_bad_record: error`` the
+    bad ones (not the merely unselected) are kept to raise the first of the file, not of a pass."""
 
-    def skip(err: BadRecord):
-        if on_bad_record == "error" and err.reason not in NOT_BAD:
-            errors.append(err)  # raised below: the first bad line of the file, not of a pass
-        skipped[err.reason].append(f"{err.where}: {err.detail}")
+    def __init__(self, on_bad_record: str):
+        self.on_bad_record = on_bad_record
+        self.by_reason: dict[str, list[str]] = defaultdict(list)
+        self.errors: list[BadRecord] = []
 
-    def raise_first_error():
-        if errors:
-            raise min(errors, key=lambda e: int(e.where.rsplit(":", 1)[1]))
+    def add(self, err: BadRecord) -> None:
+        if self.on_bad_record == "error" and err.reason not in NOT_BAD:
+            self.errors.append(err)
+        self.by_reason[err.reason].append(f"{err.where}: {err.detail}")
 
+    def raise_first_error(self) -> None:
+        if self.errors:
+            raise min(self.errors, key=lambda e: int(e.where.rsplit(":", 1)[1]))
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_reason.values())
+
+
+def read_candidates(
+    source: Path, images_dir: Path, types: list[str], default_question: str, skips: Skips
+) -> tuple[int, list[tuple[str, dict]]]:
+    """Stage 1: the lines of ``source`` that parse as records of the selected ``types`` with a
+    confined image id, a text, and no duplicate (image, question, text). Returns the count of
+    records read and the candidates as (file:line, record); the rest go to ``skips``."""
+    read, candidates, first_seen = 0, [], {}
     for line in iter_jsonl(source):  # split on "\n" only; BOM dropped; blank lines are not records
         read += 1
         where = line.where
@@ -238,43 +241,54 @@ def convert(
                 )
             first_seen[key] = line.lineno
         except BadRecord as err:
-            skip(err)
+            skips.add(err)
             continue
         candidates.append((where, rec))
+    return read, candidates
 
-    # Image headers, each image once (many records share one), in parallel.
+
+def with_image_sizes(
+    candidates: list[tuple[str, dict]], images_dir: Path, workers: int, skips: Skips
+) -> list[tuple[str, dict, tuple[int, int]]]:
+    """Stage 2: the candidates whose image header reads, with its (width, height); each image is
+    read once (many records share one), in ``workers`` processes."""
     sizes = image_sizes(images_dir, sorted({rec["image"] for _, rec in candidates}), workers)
-
     kept = []
     for where, rec in candidates:
         size = sizes[rec["image"]]
         if isinstance(size, str):
-            skip(BadRecord(size, where, f"images/{rec['image']}.jpg"))
+            skips.add(BadRecord(size, where, f"images/{rec['image']}.jpg"))
             continue
         kept.append((where, rec, size))
-    raise_first_error()
+    return kept
 
+
+def hold_out(
+    kept: list, images_dir: Path, eval_images: int, split_seed: int, skips: Skips
+) -> tuple[list, list[str], set[str], dict[str, str]]:
+    """Stage 3: draw ``eval_images`` held-out images (seeded) among those whose pixels decode;
+    a drawn image that does not decode is replaced and its records skipped as corrupt. Returns
+    the records left, all images left, the held-out images and the undecodable ones."""
     images = sorted({rec["image"] for _, rec, _ in kept})
     held, undecodable = (
         held_out_images(images, images_dir, eval_images, split_seed) if eval_images else ([], {})
     )
-    held_out = set(held)
     if undecodable:
         still = []
         for where, rec, size in kept:
             if rec["image"] in undecodable:
-                skip(
-                    BadRecord(
-                        "corrupt_image",
-                        where,
-                        f"images/{rec['image']}.jpg: pixels do not decode ({undecodable[rec['image']]})",
-                    )
-                )
+                detail = f"images/{rec['image']}.jpg: pixels do not decode ({undecodable[rec['image']]})"
+                skips.add(BadRecord("corrupt_image", where, detail))
             else:
                 still.append((where, rec, size))
         kept, images = still, [n for n in images if n not in undecodable]
-        raise_first_error()
+    return kept, images, set(held), undecodable
 
+
+def build_samples(kept: list, held_out: set[str], default_question: str) -> tuple[list[dict], list[dict]]:
+    """Stage 4: the training samples (the tutorial's conversation format, with the image's
+    width/height) and the evaluation records (one per held-out image and question, with all its
+    answers as references)."""
     train, groups = [], {}
     for where, rec, (width, height) in kept:
         question = rec.get("question") or default_question
@@ -304,10 +318,39 @@ def convert(
                 ],
             }
         )
+    return train, list(groups.values())
 
-    eval_records = list(groups.values())
+
+def convert(
+    dataset: Path,
+    language: str = "cn",
+    default_question: str = DEFAULT_QUESTION,
+    on_bad_record: str = "skip",
+    eval_images: int = 0,
+    split_seed: int = 0,
+    workers: int = 8,
+    types: list[str] | None = None,
+) -> tuple[list[dict], list[dict], dict]:
+    """Convert ``dataset``'s ``<language>.jsonl`` (upstream CLoT layout) in the stages above and
+    return (train samples, eval records, report); nothing is written. The report accounts for
+    every record read: kept (train or eval) or skipped with its reason and file:line.
+    FileNotFoundError without the file; with ``on_bad_record: error`` the first bad record
+    (BadRecord, naming file:line)."""
+    dataset = Path(dataset)
+    source = dataset / f"{language}.jsonl"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file (conversion.language {language!r})")
+    types = list(types) if types else list(RECORD_TYPES)
+    images_dir = dataset / "images"
+    skips = Skips(on_bad_record)
+    read, candidates = read_candidates(source, images_dir, types, default_question, skips)
+    kept = with_image_sizes(candidates, images_dir, workers, skips)
+    skips.raise_first_error()
+    kept, images, held_out, undecodable = hold_out(kept, images_dir, eval_images, split_seed, skips)
+    skips.raise_first_error()
+    train, eval_records = build_samples(kept, held_out, default_question)
+
     n_eval = sum(len(g["references"]) for g in eval_records)
-    n_skipped = sum(len(v) for v in skipped.values())
     report = {
         "source": str(source),
         "read": read,
@@ -317,9 +360,9 @@ def convert(
         "eval_prompts": len(eval_records),
         "eval_images": sorted(held_out),
         "eval_images_undecodable": {f"images/{k}.jpg": v for k, v in sorted(undecodable.items())},
-        "skipped": n_skipped,
-        "skipped_by_reason": {k: len(v) for k, v in sorted(skipped.items())},
-        "skipped_where": {k: v for k, v in sorted(skipped.items())},
+        "skipped": len(skips),
+        "skipped_by_reason": {k: len(v) for k, v in sorted(skips.by_reason.items())},
+        "skipped_where": {k: v for k, v in sorted(skips.by_reason.items())},
         "train_types": dict(Counter(r.get("type") for _, r, _ in kept if r["image"] not in held_out)),
         "images": {"train": len(set(images) - held_out), "eval": len(held_out)},
         "settings": {
@@ -331,8 +374,8 @@ def convert(
             "split_seed": split_seed,
         },
     }
-    if report["kept"] + n_skipped != read:
-        raise AssertionError(f"accounting error: kept {report['kept']} + skipped {n_skipped} != read {read}")
+    if report["kept"] + len(skips) != read:
+        raise AssertionError(f"accounting error: kept {report['kept']} + skipped {len(skips)} != read {read}")
     return train, eval_records, report
 
 

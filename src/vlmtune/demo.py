@@ -54,6 +54,7 @@ CORRUPT_IMAGE = "demo_corrupt_image"
 
 
 def image_id(i: int) -> str:
+    """The demo dataset's image id of image ``i``."""
     return f"demo{i:03d}"
 
 
@@ -89,6 +90,9 @@ def make_image(path, size: tuple[int, int], rng: random.Random) -> None:
 
 
 def build_dataset(out: Path, seed: int = 0) -> Path:
+    """Write the embedded demo dataset to ``out`` (atomically): ``cn.jsonl`` in the upstream
+    layout with awkward records on purpose, and its JPEGs under ``images/`` (one corrupt). The same
+    ``seed`` gives the same files."""
     rng = random.Random(seed)
     with atomic_dir(Path(out)) as tmp:
         images = tmp / "images"

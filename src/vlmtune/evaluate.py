@@ -41,6 +41,7 @@ GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed"
 
 
 def check_generation(gen: dict) -> dict:
+    """The generation settings of ``gen`` (``GENERATION_KEYS``); EvaluateError naming the missing ones."""
     missing = [k for k in GENERATION_KEYS if k not in gen]
     if missing:
         raise EvaluateError(f"evaluate: --generation lacks {', '.join(missing)}")

@@ -42,7 +42,7 @@ from .hashing import sha256
 
 
 class FetchError(RuntimeError):
-    pass
+    """A download or local copy that cannot give a usable folder (the step's one-line error)."""
 
 
 def dataset_patterns(language: str) -> list[str]:
@@ -706,6 +706,12 @@ def fetch(
     cache_dir: str | None = None,
     limits: ExtractLimits | None = None,
 ) -> Path:
+    """Materialise a model or dataset (``kind``) from ``source`` (huggingface, modelscope or a
+    local folder) into ``out``, atomically, with a ``manifest.json`` of every file (size, sha256;
+    hub files checked against the hub's own hashes) and where it came from. A dataset must hold
+    ``<language>.jsonl``; its ``images.zip`` is extracted within ``limits``. Hub requests retry per
+    ``policy``. Returns ``out``; raises FetchError (unknown source, missing folder or file, hub
+    failure after the retries, unsafe archive)."""
     patterns = dataset_patterns(language) if kind == "dataset" else None
     checked: dict[str, dict] = {}
     if source == "local":

@@ -39,10 +39,12 @@ PROJECTOR = re.compile(r"^mlp1\.")
 
 
 class MergeCheckError(RuntimeError):
-    pass
+    """The merged model is not what the merge should give (missing tensors, unchanged adapters, no reload)."""
 
 
 def load_tensors(folder: Path) -> dict:
+    """Every tensor of the ``*.safetensors`` files of ``folder``, by name; MergeCheckError if there are
+    none."""
     from safetensors.torch import load_file
 
     tensors = {}
@@ -76,7 +78,7 @@ def expected_changes(trained: dict) -> tuple[dict, set]:
     return projector, lora_changed
 
 
-def check(base: Path, merged: Path, trained: dict) -> dict:
+def check_merged(base: Path, merged: Path, trained: dict) -> dict:
     """Compare merged weights with the base and the trained checkpoint, tensor by tensor;
     raise MergeCheckError on any fault."""
     import torch
@@ -174,6 +176,12 @@ def answer_one_image(model_dir: Path, max_new_tokens: int = 8) -> dict:
 
 
 def merge(config: Path, checkpoint: Path, base: Path, out: Path, report_path: Path | None = None) -> dict:
+    """Merge the LoRA of XTuner ``checkpoint`` (trained with ``config``) into the base model with
+    XTuner's own ``convert_to_official.py``, into ``out`` (atomically), with the base's remote code.
+    Then check it: the tensors the training changed differ from ``base``, all others are identical,
+    and the folder reloads and answers one image. Writes ``report_path`` (and a provenance record
+    beside the model); returns the report. SystemExit if the conversion fails, MergeCheckError if a
+    check does."""
     script = xtuner_root() / "configs" / "internvl" / "v1_5" / "convert_to_official.py"
     # convert_to_official rebuilds the model in bf16 on the CPU; it needs no GPU.
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
@@ -192,7 +200,7 @@ def merge(config: Path, checkpoint: Path, base: Path, out: Path, report_path: Pa
         for extra in ("generation_config.json",):
             if (Path(base) / extra).exists() and not (target / extra).exists():
                 shutil.copy2(Path(base) / extra, target / extra)
-        report = check(base, target, load_checkpoint(checkpoint))
+        report = check_merged(base, target, load_checkpoint(checkpoint))
         report["answer"] = answer_one_image(target)
         report.update(copied_py=copied, checkpoint=str(checkpoint), base=str(base))
         for item in target.iterdir():

@@ -33,7 +33,7 @@ LIBRARIES = ("sacrebleu", "rouge-score", "jieba", "pycocoevalcap", "scipy")
 
 
 class MetricsError(Exception):
-    pass
+    """Unusable predictions or reference NLL files (the step's one-line error)."""
 
 
 # ---------------------------------------------------------------- tokenisation
@@ -70,12 +70,14 @@ def _reference_streams(refs: list[list[str]]) -> list[list[str | None]]:
 
 
 def bleu(preds: list[str], refs: list[list[str]]) -> float:
+    """Corpus BLEU (sacrebleu, ``zh`` tokenisation) of ``preds`` against their reference lists."""
     import sacrebleu
 
     return sacrebleu.corpus_bleu(preds, _reference_streams(refs), tokenize="zh").score
 
 
 def chrf(preds: list[str], refs: list[list[str]]) -> float:
+    """Corpus chrF (sacrebleu) of ``preds`` against their reference lists."""
     import sacrebleu
 
     return sacrebleu.corpus_chrf(preds, _reference_streams(refs)).score
@@ -116,6 +118,7 @@ def distinct(token_lists: list[list[str]], n: int) -> float:
 
 
 def normalise(text: str) -> str:
+    """``text`` as its character tokens joined (whitespace and punctuation dropped), for exact-match tests."""
     return "".join(char_tokens(text))
 
 
@@ -165,6 +168,10 @@ def bootstrap_ci(n: int, statistic, resamples: int, seed: int) -> list[float] | 
 def score_group(
     rows: list[dict], nll: dict[str, list[dict]] | None, train: set[str] | None, resamples: int, seed: int
 ) -> dict:
+    """Every metric of one group of prediction ``rows`` (overall or one record type), each with its
+    value and a bootstrap 95 % interval (``resamples`` draws from ``seed``): BLEU, chrF, ROUGE-L,
+    CIDEr-D, distinct-n, lengths, copies of training answers (``train``) and, with ``nll``,
+    perplexity and preference accuracy."""
     preds = [r["prediction"] for r in rows]
     refs = [[x["text"] for x in r["references"]] for r in rows]
     n = len(rows)
@@ -253,6 +260,10 @@ def score(
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict:
+    """Score ``predictions`` (``predictions.jsonl`` of ``vlmtune.evaluate``), with the reference NLL
+    of ``nll_path`` and the training answers of ``train_path`` when given, overall and per record
+    type, into ``out`` (``metrics.json``, atomically). Returns the metrics; raises MetricsError for
+    an empty file or a record without id, prediction or references."""
     rows = read_jsonl(predictions)
     if not rows:
         raise MetricsError(f"{predictions}: no predictions")

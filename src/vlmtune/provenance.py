@@ -219,7 +219,7 @@ def redact(obj, secrets: list[str] | None = None):
     return obj
 
 
-def write(path: Path, record: dict) -> dict:
+def write_record(path: Path, record: dict) -> dict:
     record = redact(dict(schema=SCHEMA_VERSION, **record, finished_at=now()))
     write_json(Path(path), record)
     return record
@@ -292,7 +292,7 @@ def for_merge(config: Path, train_result: Path, base: Path, out: Path) -> dict:
 
 def write_for_merge(config: Path, train_result: Path, base: Path, out: Path) -> Path:
     path = beside_model(out)
-    write(path, for_merge(config, train_result, base, out))
+    write_record(path, for_merge(config, train_result, base, out))
     return path
 
 
@@ -331,7 +331,7 @@ def write_for_evaluation(
         xtuner_config_sha256=(merged.get("xtuner_config") or {}).get("sha256"),
     )
     path = predictions.parent / "provenance.json"
-    write(path, record)
+    write_record(path, record)
     return path
 
 

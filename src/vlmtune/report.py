@@ -86,10 +86,11 @@ window.addEventListener('load', function () {
 
 
 class ReportError(Exception):
-    pass
+    """A missing or unusable input of the report (the step's one-line error)."""
 
 
 def read_variant(folder: Path) -> tuple[list[dict], dict]:
+    """The predictions and metrics of one evaluated model's folder; ReportError if either file is missing."""
     folder = Path(folder)
     pred, met = folder / "predictions.jsonl", folder / "metrics.json"
     for p in (pred, met):
@@ -112,6 +113,7 @@ def thumbnail_uri(path: Path) -> str:
 
 
 def fmt(x, digits=2) -> str:
+    """``x`` with ``digits`` decimals, or a dash for a missing value."""
     return "–" if x is None else f"{x:.{digits}f}"
 
 
@@ -177,6 +179,8 @@ def metric_table(metrics: dict[str, dict], variants: list[str]) -> str:
 
 
 def card(rec: dict, outputs: dict[str, str | None], image_uri: str | None) -> str:
+    """The HTML card of one record: its image (``image_uri``), question, references and each model's
+    output."""
     refs = "".join(
         f"<li>{html.escape(r['text'])}"
         + (f' <span class="ci">★{r["star"]}</span>' if r.get("star") is not None else "")
@@ -203,6 +207,8 @@ def card(rec: dict, outputs: dict[str, str | None], image_uri: str | None) -> st
 def render_html(
     run: str, variants: dict[str, tuple[list[dict], dict]], image_folder: Path, max_cards: int
 ) -> str:
+    """The whole ``report.html`` of ``run``: metric tables with intervals, per-type figures and up to
+    ``max_cards`` record cards."""
     names = list(variants)
     first_rows, first_metrics = variants[names[0]]
     overall = {v: variants[v][1]["overall"] for v in names}
@@ -244,6 +250,8 @@ def render_html(
 
 
 def render_png(variants: dict[str, tuple[list[dict], dict]], out: Path) -> None:
+    """``summary.png``: the headline metrics of each variant as bars with their 95 % intervals, written to
+    ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,6 +296,10 @@ def build(
     png_out: Path,
     max_cards: int = 60,
 ) -> None:
+    """Write ``html_out`` (``report.html``) and ``png_out`` (``summary.png``) for ``run`` from the
+    evaluated folders of ``variant_dirs`` (name -> folder with ``predictions.jsonl`` and
+    ``metrics.json``), with images from ``image_folder``. ReportError if no variant is given or a
+    file is missing."""
     if not variant_dirs:
         raise ReportError("report: no --variant given")
     variants = {name: read_variant(folder) for name, folder in variant_dirs.items()}

@@ -64,7 +64,7 @@ def plot(rows: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
-def write(work_dir: Path, summary: Path, png: Path, extra: dict | None = None) -> dict:
+def write_summary(work_dir: Path, summary: Path, png: Path, extra: dict | None = None) -> dict:
     rows = read_scalars(work_dir)
     if not rows:
         raise SystemExit(f"no logged iterations in {work_dir}/*/vis_data/scalars.json")
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     ap.add_argument("--summary", required=True, type=Path)
     ap.add_argument("--png", required=True, type=Path)
     a = ap.parse_args(argv)
-    print(json.dumps(write(a.work_dir, a.summary, a.png)))
+    print(json.dumps(write_summary(a.work_dir, a.summary, a.png)))
 
 
 if __name__ == "__main__":

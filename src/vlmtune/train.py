@@ -27,6 +27,7 @@ from .atomic import write_json
 
 
 def last_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint XTuner's ``last_checkpoint`` marker in ``work_dir`` names, if it exists; else None."""
     marker = Path(work_dir) / "last_checkpoint"
     if not marker.is_file():
         return None
@@ -35,6 +36,7 @@ def last_checkpoint(work_dir: Path) -> Path | None:
 
 
 def checkpoint_iteration(path: Path) -> int:
+    """The iteration of an XTuner checkpoint path (``iter_<n>.pth``); ValueError for any other name."""
     match = re.search(r"iter_(\d+)\.pth$", str(path))
     if not match:
         raise ValueError(f"not an XTuner iteration checkpoint: {path}")
@@ -51,6 +53,10 @@ def command(
     rdzv_endpoint: str | None = None,
     node_rank: int | None = None,
 ) -> list[str]:
+    """The ``torchrun`` command that runs ``vlmtune.xtuner_main`` with ``config`` in ``work_dir``:
+    ``nproc`` processes per node (GPUs, or CPU processes), DeepSpeed ``deepspeed`` (None or
+    ``none``: no DeepSpeed), resuming from ``resume``; with ``nnodes`` > 1 a c10d rendezvous at
+    ``rdzv_endpoint`` (ValueError without one)."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes > 1:
         if not rdzv_endpoint:
@@ -169,6 +175,8 @@ def job_hosts(job_id: str) -> list[str]:
 
 
 def srun_env(env: dict) -> dict:
+    """``env`` without the Slurm variables of the batch step that would make ``srun`` inherit the wrong job
+    step."""
     return {
         k: v
         for k, v in env.items()
@@ -222,6 +230,13 @@ def run(
     nodes: int = 1,
     inputs: list[Path] = (),
 ) -> dict:
+    """Train with XTuner: run ``command`` (through ``srun`` over ``nodes`` nodes when > 1) on the
+    rendered ``config`` in ``work_dir``, resuming from the last checkpoint there, and write
+    ``result`` (``train_result.json``: final checkpoint, iteration, processes, global batch) and,
+    when given, ``summary``/``curves`` from the training log. ``gpus`` per node (0: CPU with
+    ``cpu_processes`` processes), ``plan`` is the renderer's iteration plan, ``inputs`` the files
+    the work folder is claimed for (a work folder of other inputs is refused). Returns the result;
+    SystemExit if training fails (checkpoints are kept) or leaves no checkpoint."""
     work_dir = Path(work_dir)
     claim_work_dir(work_dir, config, [*([plan] if plan else []), *inputs])
     p = json.loads(Path(plan).read_text()) if plan is not None else None
@@ -276,9 +291,9 @@ def run(
             optimizer_steps=out["iteration"] // p["accumulative_counts"],
         )
     if summary is not None and curves is not None:
-        from .telemetry import write
+        from .telemetry import write_summary
 
-        out["summary"] = write(
+        out["summary"] = write_summary(
             work_dir,
             summary,
             curves,

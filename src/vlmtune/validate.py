@@ -43,7 +43,7 @@ PERCENTILES = (50, 90, 95, 99, 99.9)
 
 
 class ValidationError(ValueError):
-    pass
+    """Training data that fails a check set to ``error`` (the step's one-line error naming the sample)."""
 
 
 # ---------------------------------------------------------------------------- model geometry
@@ -174,12 +174,15 @@ def renumbered(samples: list[dict]) -> list[dict]:
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
+    """The ``q``-th percentile (nearest rank) of ``sorted_values``; 0 for none."""
     if not sorted_values:
         return 0
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q / 100 * len(sorted_values)) - 1))]
 
 
 def histogram(values: list[int], max_length: int, bins: int = 40) -> dict:
+    """Counts of ``values`` in ``bins`` equal-width bins up to the larger of ``max_length`` and the longest
+    value."""
     top = max([max_length, *values]) if values else max_length
     width = max(1, math.ceil(top / bins))
     counts = Counter(v // width for v in values)
@@ -188,6 +191,8 @@ def histogram(values: list[int], max_length: int, bins: int = 40) -> dict:
 
 
 def plot(lengths: list[int], max_length: int, out: Path) -> None:
+    """``token_lengths.png``: the histogram of sample lengths with ``max_length`` marked, written to
+    ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,21 +214,13 @@ def plot(lengths: list[int], max_length: int, out: Path) -> None:
 # ---------------------------------------------------------------------------- the step
 
 
-def validate(
-    samples: list[dict],
-    image_folder: Path,
-    model_dir: Path,
-    max_length: int,
-    on_too_long: str = "drop",
-    on_bad_image: str = "skip",
-    workers: int = 2,
-) -> tuple[list[dict], dict, list[int]]:
-    """Return (samples to train on, report, every checked sample's token length). Raises
-    ValidationError where the policy is ``error``."""
-    tiling = model_tiling(model_dir)
-    images = sorted({s["image"] for s in samples})
-    decoded = decode_all(Path(image_folder), images, workers)
-
+def check_images(
+    samples: list[dict], image_folder: Path, decoded: dict, on_bad_image: str
+) -> dict[str, dict]:
+    """Stage 1: every sample's image decoded (``decoded``: name -> (width, height) or an error).
+    Returns the images that do not decode, with the samples that use them (ValidationError with
+    ``on_bad_image: error``); ValidationError if an image decodes to another size than the
+    conversion recorded (the data changed since: reconvert)."""
     bad_images, size_mismatch = {}, {}
     for s in samples:
         got = decoded[s["image"]]
@@ -245,12 +242,16 @@ def validate(
             f"{Path(image_folder) / name}: decodes to {info['decoded']} but the conversion "
             f"recorded {info['recorded']}: reconvert ({len(size_mismatch)} images differ)"
         )
+    return bad_images
 
-    count = TokenLength(model_dir, tiling)
-    tiles_of = {}
-    for name in images:
-        if not isinstance(decoded[name], str):
-            tiles_of[name] = tile_count(*decoded[name], tiling)
+
+def check_lengths(
+    samples: list[dict], bad_images: dict, tiles_of: dict[str, int], count, max_length: int, on_too_long: str
+) -> tuple[list[dict], list[dict], list[int]]:
+    """Stage 2: the token length XTuner will feed for each sample with a decodable image
+    (``count``: text tokens + 256 per tile). Returns the samples to train on, those over
+    ``max_length`` (dropped with ``on_too_long: drop``; ValidationError with ``error``) and every
+    length."""
     kept, too_long, lengths = [], [], []
     for s in samples:
         if s["image"] in bad_images:
@@ -270,7 +271,6 @@ def validate(
             f"sample id {first['id']} ({first['image']}) is {first['tokens']} tokens, over "
             f"max_length {max_length}; {len(too_long)} samples are (validation.on_too_long)"
         )
-
     # The one-token shortcut, checked against the full expansion on the sample with most tiles.
     if samples and tiles_of:
         probe = max((s for s in samples if s["image"] in tiles_of), key=lambda s: tiles_of[s["image"]])
@@ -279,6 +279,32 @@ def validate(
             raise AssertionError(
                 f"token count shortcut disagrees with the full expansion on sample {probe['id']}"
             )
+    return kept, too_long, lengths
+
+
+def validate(
+    samples: list[dict],
+    image_folder: Path,
+    model_dir: Path,
+    max_length: int,
+    on_too_long: str = "drop",
+    on_bad_image: str = "skip",
+    workers: int = 2,
+) -> tuple[list[dict], dict, list[int]]:
+    """Check the converted training ``samples`` before training, in the stages above: images
+    under ``image_folder`` decode (in ``workers`` processes), token lengths with ``model_dir``'s
+    tokenizer and tiling against ``max_length``. Return (samples to train on, report, every
+    checked sample's token length); the report accounts for every sample in. Raises
+    ValidationError where the policy is ``error``."""
+    tiling = model_tiling(model_dir)
+    images = sorted({s["image"] for s in samples})
+    decoded = decode_all(Path(image_folder), images, workers)
+    bad_images = check_images(samples, image_folder, decoded, on_bad_image)
+    count = TokenLength(model_dir, tiling)
+    tiles_of = {
+        name: tile_count(*decoded[name], tiling) for name in images if not isinstance(decoded[name], str)
+    }
+    kept, too_long, lengths = check_lengths(samples, bad_images, tiles_of, count, max_length, on_too_long)
 
     ordered = sorted(lengths)
     n_bad = sum(len(v["sample_ids"]) for v in bad_images.values())

@@ -251,6 +251,7 @@ def iteration_plan(
 
 def world_size(train: dict) -> int:
     # torchrun processes over all nodes: one per GPU or cpu_processes per node (both per node)
+    """Training processes over all nodes: GPUs per node on CUDA, ``cpu_processes`` per node on CPU."""
     per_node = train["gpus"] if train["device"] == "cuda" else train.get("cpu_processes", 1)
     return per_node * train.get("nodes", 1)
 
@@ -294,6 +295,11 @@ def prompt_template(model: Path, preset: str | None = None) -> str:
 def render(
     model: Path, train_json: Path, image_folder: Path, train: dict, preset: str | None = None
 ) -> tuple[str, dict]:
+    """The XTuner config text for training ``model`` on ``train_json`` (images under
+    ``image_folder``) with the ``train`` settings (the workflow config's ``train`` section), and the
+    iteration plan (samples, processes, accumulation, iterations, warm-up). The prompt template
+    comes from ``preset`` (or the model's LLM). ValueError for an empty training file, a warm-up
+    of fewer than two iterations or a model of another LLM than the preset's."""
     text = Path(train_json).read_text(encoding="utf-8")  # .json (a list) or .jsonl (XTuner reads both)
     samples = (
         sum(1 for line in text.splitlines() if line.strip())
@@ -364,7 +370,7 @@ def render(
 
 
 def main(argv=None) -> None:
-    from .config import load, validate
+    from .config import load, validate_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, type=Path)
@@ -379,7 +385,7 @@ def main(argv=None) -> None:
     if a.train_settings:
         train = json.loads(a.train_settings)
     else:
-        train = validate(load(*a.workflow_config))["train"]
+        train = validate_config(load(*a.workflow_config))["train"]
     try:
         text, plan = render(a.model, a.train_json, a.image_folder, train, a.preset)
     except ValueError as exc:

@@ -11,19 +11,19 @@ import shlex
 
 from snakemake.settings.types import DeploymentMethod
 
-from vlmtune.config import ConfigError, validate
+from vlmtune.config import ConfigError, validate_config
 from vlmtune.presets import describe as describe_preset
 from vlmtune.presets import get as get_preset
 from vlmtune.provenance import code_digest
 from vlmtune.xtuner_config import SETTINGS as XTUNER_SETTINGS
 
 try:
-    validate(config)
+    validate_config(config)
 except ConfigError as exc:
     raise WorkflowError(str(exc))
 
 RUN = config["run"]
-# validate() filled every key left out with the schema's default and every null the preset
+# validate_config() filled every key left out with the schema's default and every null the preset
 # decides with model.preset's (vlmtune.presets): the rules read `config` with no fallbacks.
 PRESET = get_preset(config["model"]["preset"])
 print(describe_preset(config), file=sys.stderr)
