@@ -33,7 +33,7 @@ from .transformers_engine import (  # noqa: F401 (evaluate.TransformersEngine, a
     require,
 )
 
-# The schema's enums of evaluate.engine and evaluate.lmdeploy_backend (tests/test_evaluate.py
+# The schema's enums of evaluate.engine and evaluate.lmdeploy_backend (tests/test_cli_choices.py
 # holds them equal; this module runs in the LMDeploy env, which does not read the schema).
 ENGINES = ("lmdeploy", "transformers")
 LMDEPLOY_BACKENDS = ("pytorch", "turbomind")
