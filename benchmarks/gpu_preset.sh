@@ -16,13 +16,7 @@ WORK=${WORK:-$PWD/results/gpu_preset}
 RECORDS=${RECORDS:-400}
 MAX_ITERS=${MAX_ITERS:-12}
 mkdir -p "$OUT" "$WORK"
-SITE=${SITE:-$PWD/results/gpu_site}  # the carried wheels, installed once (kept while the machine is)
-if [ -d .whl ] && [ ! -f "$SITE/.installed" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-  touch "$SITE/.installed"
-fi
-export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
-export VLMTUNE_ALLOW_VERSION_DRIFT=1 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+source benchmarks/gpu_env.sh  # wheels into $SITE, PYTHONPATH and the step environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 RUN_DIR=$WORK/run

@@ -20,14 +20,7 @@ RECORDS=${RECORDS:-2000}
 MAX_ITERS=${MAX_ITERS:-32}
 EVAL_RECORDS=${EVAL_RECORDS:-64}
 mkdir -p "$OUT" "$WORK"
-SITE=${SITE:-$PWD/results/gpu_site}  # the carried wheels, installed once (kept while the machine is)
-if [ -d .whl ] && [ ! -f "$SITE/.installed" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-  touch "$SITE/.installed"
-fi
-export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
-# The GPU image's own torch (and Pillow, ...) stand in for the pinned ones: warn, don't stop.
-export VLMTUNE_ALLOW_VERSION_DRIFT=1 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+source benchmarks/gpu_env.sh  # wheels into $SITE, PYTHONPATH and the step environment
 
 python3 - <<'PY' | tee "$OUT/versions.txt"
 import importlib.metadata as m, platform, subprocess

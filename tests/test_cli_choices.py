@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from vlmtune.config import _resolve
 
 SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
@@ -28,9 +29,7 @@ CASES = [
 def schema_enum(dotted: str) -> set:
     node = SCHEMA
     for key in dotted.split("."):
-        node = node["properties"][key]
-        if "$ref" in node:  # "#/definitions/source"
-            node = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]]
+        node = _resolve(node["properties"][key], SCHEMA)  # dataset: "#/definitions/source"
     return {v for v in node["enum"] if v is not None}
 
 
