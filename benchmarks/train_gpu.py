@@ -14,7 +14,8 @@ over the same samples, so samples/s compare):
 - ``b_lora``: ``config/config.yaml`` with ``method: lora`` (bf16 LoRA) and ``label_only_head: true``;
 - ``gpu24g``: ``config/config.yaml`` + ``config/gpu-24g.yaml``, the process capped at 24 GiB
   (``VLMTUNE_CUDA_MEMORY_GIB``: ``torch.cuda.set_per_process_memory_fraction``); peak reserved reported;
-- ``--variants`` adds settings (train overrides on ``q_default``), e.g. ``{"q_fused": {"fused_norm": true}}``.
+- ``--variants`` adds settings (train overrides on ``q_default``), e.g.
+  ``{"q_fused": {"fused_elementwise": true}}``.
 
 Runs go in rounds (every setting once per round, ``--repeats`` rounds); a run that would not finish
 within ``--budget-s`` (estimated from its first round) is skipped and listed. In the first round
@@ -90,10 +91,15 @@ STOCK = dict(  # the tutorial's XTuner settings (docs/reference-run.md), one GPU
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
+# the levers of round 2 (off: XTuner stock; on: as config/config.yaml ships them)
 NEW_LEVERS_OFF = dict(
-    label_only_head=False, qlora_compute_dtype="float16", quantize_head=True, fused_norm=False
+    label_only_head=False,
+    qlora_compute_dtype="float16",
+    quantize_head=True,
+    fused_elementwise=False,
+    fused_lora=False,
+    pin_memory=False,
 )
-NEW_LEVERS_ON = dict(label_only_head=True, qlora_compute_dtype="bfloat16", quantize_head=False)
 
 
 def project_settings(per_gpu_global_batch: int, *overlays: str) -> dict:
@@ -127,7 +133,7 @@ def all_settings(per_gpu_global: int) -> dict:
     return {
         "a_stock": STOCK,
         "q_base": {**base, "method": "qlora", **NEW_LEVERS_OFF},
-        "q_default": {**base, "method": "qlora", **NEW_LEVERS_ON},
+        "q_default": {**base, "method": "qlora"},
         "b_lora": {**base, "method": "lora", "label_only_head": True},
         "gpu24g": project_settings(per_gpu_global, "gpu-24g.yaml"),
     }
@@ -368,6 +374,41 @@ n4 = speed.set_4bit_compute_dtype(model, "bfloat16")
 losses["bf16_compute"] = loss()
 model.vlmtune_label_only_head = True
 losses["label_only_head+bf16_compute"] = loss()
+# one PEFT LoRA layer over a 4-bit base, training mode (dropout on): output and gradients of PEFT's
+# forward vs the fused one, with the same dropout mask (same seed)
+lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+lora_layer = next((m for m in lora_layers if type(m).__name__ == "Linear4bit"), lora_layers[0])
+saved_b = lora_layer.lora_B.default.weight.detach().clone()
+def lora_run(seed):
+    torch.manual_seed(seed)
+    x = torch.randn(3, 700, lora_layer.in_features, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 700, lora_layer.out_features, device=dev, dtype=dtype)
+    for p in lora_layer.parameters():
+        p.grad = None
+    a_w, b_w = lora_layer.lora_A.default.weight, lora_layer.lora_B.default.weight
+    a_w.requires_grad_(True); b_w.requires_grad_(True)
+    with torch.no_grad():  # B starts at zero: give the adapter an output (restored below)
+        b_w.copy_(0.02 * torch.randn(saved_b.shape, device=dev, dtype=dtype))
+    lora_layer.train()
+    y = lora_layer(x); y.backward(g); lora_layer.eval()
+    return [y.detach(), x.grad, a_w.grad.clone(), b_w.grad.clone()]
+ref_lora = lora_run(0)
+model.vlmtune_label_only_head = False
+speed.set_4bit_compute_dtype(model, "float16")
+out["fused_lora_layers"] = speed.apply_fused_lora(model)
+speed.set_4bit_compute_dtype(model, "bfloat16")
+for name, a, b in zip(("output", "grad_input", "grad_A", "grad_B"), lora_run(0), ref_lora):
+    out["module_lora_4bit_fused_" + name] = rel(a, b)
+out["module_lora_layer"] = type(lora_layer).__name__
+with torch.no_grad():
+    lora_layer.lora_B.default.weight.copy_(saved_b)
+for p in model.parameters():
+    p.grad = None
+speed.set_4bit_compute_dtype(model, "float16")
+losses["fused_lora"] = loss()
+speed.set_4bit_compute_dtype(model, "bfloat16")
+model.vlmtune_label_only_head = True
+losses["label_only_head+bf16_compute+fused_lora"] = loss()
 # modules on random inputs
 torch.manual_seed(0)
 lm = speed.causal_lm(model.model.language_model)
@@ -388,11 +429,14 @@ with torch.no_grad():
         lin.compute_dtype = torch.bfloat16; out["module_4bit_bf16_vs_fp16"] = rel(lin(x), ref)
     layer = lm.model.layers[0]
     x = torch.randn(2, 300, lm.config.hidden_size, device=dev, dtype=dtype)
+    positions = torch.arange(300, device=dev).unsqueeze(0).expand(2, -1)
     ref_norm, ref_mlp = layer.attention_norm(x), layer.feed_forward(x)
-    out["fused_norm_switched"] = speed.apply_fused_norm(model, compile=cuda)
+    ref_layer = layer(x, position_ids=positions)[0]
+    out["fused_elementwise_switched"] = speed.apply_fused_elementwise(model, compile=cuda)
     out["module_rms_norm_fused"] = rel(layer.attention_norm(x), ref_norm)
     out["module_swiglu_fused"] = rel(layer.feed_forward(x), ref_mlp)
-losses["all_with_fused_norm"] = loss()
+    out["module_decoder_layer_fused"] = rel(layer(x, position_ids=positions)[0], ref_layer)
+losses["all_with_fused_elementwise"] = loss()
 ref = losses["unpatched"]
 out["losses"] = losses
 out["rel_diff"] = {k: abs(v - ref) / abs(ref) for k, v in losses.items() if k != "unpatched"}
@@ -437,6 +481,11 @@ def equivalence_text(eq: dict) -> str:
         "module_4bit_bf16_vs_fp16",
         "module_rms_norm_fused",
         "module_swiglu_fused",
+        "module_decoder_layer_fused",
+        "module_lora_4bit_fused_output",
+        "module_lora_4bit_fused_grad_input",
+        "module_lora_4bit_fused_grad_A",
+        "module_lora_4bit_fused_grad_B",
     ):
         if k in eq:
             lines.append(

@@ -132,7 +132,7 @@ def test_label_only_head_leaves_other_callers_alone(xtuner_batch):
         model.vlmtune_label_only_head = False
 
 
-def test_fused_norm_arithmetic_equals_modules(tiny_model):
+def test_fused_elementwise_arithmetic_equals_modules(tiny_model):
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(
@@ -145,13 +145,72 @@ def test_fused_norm_arithmetic_equals_modules(tiny_model):
         layer.attention_norm.weight.normal_(1, 0.1)
         ref_norm, ref_mlp = layer.attention_norm(x), layer.feed_forward(x)
         ref_bf16 = layer.attention_norm(x.bfloat16().float().bfloat16())
-        done = speed.apply_fused_norm(model, compile=False)
+        done = speed.apply_fused_elementwise(model, compile=False)
         assert done["rms_norm"] == 2 * len(model.language_model.model.layers) + 1 and done["swiglu"] == len(
             model.language_model.model.layers
         )
         assert torch.equal(layer.attention_norm(x), ref_norm)
         assert torch.equal(layer.feed_forward(x), ref_mlp)
         assert torch.equal(layer.attention_norm(x.bfloat16().float().bfloat16()), ref_bf16)
+
+
+def _lora_pair(dropout: float, dtype):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.SiLU(), torch.nn.Linear(40, 16, bias=False))
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "2"])
+    stock = get_peft_model(base, cfg).to(dtype)
+    for name, p in stock.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: give the adapter an output to check
+            torch.nn.init.normal_(p, std=0.5)
+    fused = copy.deepcopy(stock)
+    assert speed.apply_fused_lora(fused) == 2 and speed.apply_fused_lora(fused) == 2  # idempotent
+    return stock, fused
+
+
+def _out_and_grads(model, x, seed):
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize(
+    "dtype, dropout, tol",
+    [(torch.float32, 0.0, 1e-6), (torch.float32, 0.3, 1e-6), (torch.bfloat16, 0.3, 2e-2)],
+)
+def test_fused_lora_same_output_and_gradients(dtype, dropout, tol):
+    stock, fused = _lora_pair(dropout, dtype)
+    stock.train(), fused.train()
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    y0, gx0, g0 = _out_and_grads(stock, x, seed=7)
+    y1, gx1, g1 = _out_and_grads(fused, x, seed=7)  # same seed: the same dropout masks
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert y1.shape == y0.shape and rel(y1, y0) < tol and rel(gx1, gx0) < tol
+    assert set(g1) == set(g0) and any("lora_A" in n for n in g0)
+    assert all(rel(g1[n], g0[n]) < tol for n in g0)
+    if dropout:  # the masks matter: another seed gives another output
+        assert rel(_out_and_grads(fused, x, seed=8)[0], y0) > 10 * tol
+
+
+def test_fused_lora_leaves_the_other_cases_to_peft():
+    stock, fused = _lora_pair(0.0, torch.float32)
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        with fused.disable_adapter(), stock.disable_adapter():  # adapters off: the base model
+            base = fused(x)
+            assert torch.equal(base, stock(x))
+        assert not torch.allclose(fused(x), base, atol=1e-3)  # adapters on again
+        fused.merge_adapter()  # merged weights: PEFT's own path
+        assert torch.allclose(fused(x), stock(x), atol=1e-5)
 
 
 def test_4bit_compute_dtype():
@@ -183,6 +242,26 @@ def test_kernel_categories():
         == "optimizer"
     )
     assert c("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>") == "element-wise"
+    # names as the H200 profile printed them: lambdas in template arguments are no optimizer
+    binary_mul = (
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+        "BinaryFunctor<c10::BFloat16, c10::BFloat16, c10::BFloat16, at::native::binary_internal::MulFunctor"
+        "<float> > >(at::TensorIteratorBase&, ...)::{lambda(int)#1}>(int, ...)"
+    )
+    assert c(binary_mul) == "element-wise"
+    gelu = (
+        "void at::native::vectorized_elementwise_kernel<8, at::native::GeluCUDAKernelImpl(at::"
+        "TensorIteratorBase&, at::native::GeluType)::{lambda()#2}::operator()() const>(int, ...)"
+    )
+    assert c(gelu) == "element-wise"
+    copy_in_lambda = (
+        "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+        "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const>(int, ...)"
+    )
+    assert c(copy_in_lambda) == "casts/copies"
+    assert c("Memcpy HtoD (Pageable -> Device)") == "casts/copies"
+    assert c("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4, 64>") == "casts/copies"
+    assert c("void at::native::scatter_gather_elementwise_kernel<128, 4>") == "element-wise"
 
 
 def test_new_keys_render(tiny_model, tmp_path):
@@ -209,14 +288,20 @@ def test_new_keys_render(tiny_model, tmp_path):
         stock["label_only_head"] is False
         and stock["qlora_compute_dtype"] == "float16"
         and stock["quantize_head"] is True
-        and stock["fused_norm"] is False
+        and stock["fused_elementwise"] is False
+        and stock["fused_lora"] is False
     )
     text, _ = render(
         tiny_model,
         tmp_path / "train.json",
         tmp_path,
         dict(
-            train, label_only_head=True, qlora_compute_dtype="bfloat16", quantize_head=False, fused_norm=True
+            train,
+            label_only_head=True,
+            qlora_compute_dtype="bfloat16",
+            quantize_head=False,
+            fused_elementwise=True,
+            fused_lora=True,
         ),
     )
     (tmp_path / "fast.py").write_text(text)
@@ -225,7 +310,8 @@ def test_new_keys_render(tiny_model, tmp_path):
         fast["label_only_head"] is True
         and fast["qlora_compute_dtype"] == "bfloat16"
         and fast["quantize_head"] is False
-        and fast["fused_norm"] is True
+        and fast["fused_elementwise"] is True
+        and fast["fused_lora"] is True
     )
 
 

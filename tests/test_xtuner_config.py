@@ -79,7 +79,9 @@ LEVERS = {
     "label_only_head": True,
     "qlora_compute_dtype": "bfloat16",
     "quantize_head": False,
-    "fused_norm": True,
+    "fused_elementwise": True,
+    "fused_lora": True,
+    "pin_memory": True,
     "max_iters": 12,
 }
 
@@ -99,7 +101,8 @@ def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
         label_only_head=False,
         qlora_compute_dtype="float16",
         quantize_head=True,
-        fused_norm=False,
+        fused_elementwise=False,
+        fused_lora=False,
     )
     cfg = load(text, tmp_path)
     assert cfg.train_cfg.max_epochs == 1 and "max_iters" not in cfg.train_cfg
@@ -114,7 +117,7 @@ def test_levers_reach_the_launcher(configs, train_json, tmp_path):
     text, plan = render(tmp_path / "m", train_json, tmp_path / "ds", deep_merge(configs[0]["train"], LEVERS))
     (tmp_path / "fast.py").write_text(text)
     settings = launcher_settings(str(tmp_path / "fast.py"))
-    assert settings == {k: v for k, v in LEVERS.items() if k != "max_iters"}
+    assert settings == {k: v for k, v in LEVERS.items() if k not in ("max_iters", "pin_memory")}
     cfg = load(text, tmp_path)
     assert cfg.train_cfg.max_iters == 12 and "max_epochs" not in cfg.train_cfg
     assert plan["iterations"] == 12
@@ -173,6 +176,7 @@ def test_shipped_gpu_config_keeps_the_global_batch(configs, train_json, tmp_path
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True  # the shipped default trains QLoRA
     assert cfg.train_dataloader.batch_size == 4 and cfg.optim_wrapper.accumulative_counts == 4
+    assert cfg.train_dataloader.pin_memory is True
     assert plan["global_batch_size"] == 64 and plan["iterations"] == 157 * 4
 
 
@@ -218,9 +222,11 @@ def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
         label_only_head=False,
         qlora_compute_dtype="float16",
         quantize_head=True,
-        fused_norm=False,
+        fused_elementwise=False,
+        fused_lora=False,
     )
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True and cfg.train_dataloader.batch_size == 8
+    assert cfg.train_dataloader.pin_memory is False  # XTuner's config leaves it unset
     assert cfg.optim_wrapper.accumulative_counts == 2 and plan["global_batch_size"] == 64
     assert iteration_plan(39736, 4, 8, 2, 1, 0.03)["iterations"] == 1242

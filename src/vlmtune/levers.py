@@ -12,5 +12,6 @@ LAUNCHER_LEVERS = dict(
     label_only_head=False,
     qlora_compute_dtype="float16",
     quantize_head=True,
-    fused_norm=False,
+    fused_elementwise=False,
+    fused_lora=False,
 )

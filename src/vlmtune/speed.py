@@ -27,11 +27,15 @@ the built model, never by editing XTuner's or the model's files.
   LoRA adapter: 0.38 GB instead of 0.1 GB of weights, no dequantisation of the largest matrix at
   every step, and the label-only head runs over it (over a 4-bit head it failed on the GPU).
   The merge is unchanged: ``convert_to_official`` merges the adapters into the bf16 base either way.
-- ``fused_norm`` (``train.fused_norm``): InternLM2's RMSNorm runs six element-wise kernels
-  (fp32 cast, square, mean, rsqrt, multiply, cast back, weight multiply) and its MLP two more for
-  SiLU and the gate product; the lever routes both through ``torch.compile``d functions of the same
-  arithmetic (one fused kernel each; ``dynamic=True`` so varying sequence lengths do not
-  recompile). Off by default; the functions run uncompiled when ``compile=False`` (CPU tests).
+- ``fused_elementwise`` (``train.fused_elementwise``): InternLM2's RMSNorm runs six element-wise
+  kernels (fp32 cast, square, mean, rsqrt, multiply, cast back, weight multiply), its MLP two more
+  for SiLU and the gate product, and its rotary embedding four broadcast multiply/adds per query
+  and key; the lever routes all three through ``torch.compile``d functions of the same arithmetic
+  (``dynamic=True`` so varying sequence lengths do not recompile). The functions run uncompiled
+  when ``compile=False`` (CPU tests).
+- ``fused_lora`` (``train.fused_lora``): PEFT's LoRA layers add the adapter's output in three
+  element-wise passes over a tokens x out_features tensor (copy, scale, add); the lever adds it
+  inside the up-projection's GEMM (``addmm_``) and scales the rank-wide tensor instead.
 
 ``bench_hook_class()`` is the benchmark's iteration hook: the project's ``IterationLogHook`` plus
 the labelled-position count of each iteration (``labels.jsonl``, for the FLOP model) and an
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import types
 from pathlib import Path
@@ -175,6 +180,65 @@ def set_4bit_compute_dtype(model: torch.nn.Module, dtype: str) -> int:
     return n
 
 
+# ---------------------------------------------------------------- fused LoRA output
+def _lora_forward(module: torch.nn.Module, original):
+    """``forward`` of a PEFT LoRA linear layer (``lora.Linear`` or ``lora.bnb.Linear4bit``) that adds
+    the adapter's output inside the up-projection's GEMM: ``y = base(x)`` flattened to 2-D, then
+    ``y.addmm_(scaling * A(dropout(x)), B^T)`` in place. PEFT computes ``B(A(dropout(x))) * scaling``
+    as a full-width tensor, scales it, adds it to a copy of ``base(x)`` (its 4-bit path clones the
+    base output first), and the backward scales the full-width gradient again: three element-wise
+    passes over a tokens x out_features tensor forward and one backward, where this does none (the
+    scaling moves to the rank-wide tensor; ``addmm_``'s backward hands the output gradient to the
+    base unchanged). Same arithmetic up to the order of the scaling; the original forward runs
+    whenever the case is not the plain one (several or disabled adapters, merged weights, DoRA,
+    a LoRA bias, autocast, mixed dtypes, per-call adapter names)."""
+
+    def forward(x, *args, **kwargs):
+        active = module.active_adapters
+        name = active[0] if len(active) == 1 else None
+        if (
+            args
+            or kwargs
+            or name not in module.lora_A
+            or module.disable_adapters
+            or module.merged
+            or module.use_dora.get(name, False)
+            or module.lora_B[name].bias is not None
+            or torch.is_autocast_enabled()
+        ):
+            return original(x, *args, **kwargs)
+        lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
+        if not (x.dtype == lora_a.dtype == lora_b.dtype):
+            return original(x, *args, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])
+        result = module.base_layer(flat)
+        if result.dtype != x.dtype:
+            return original(x, *args, **kwargs)
+        if result._base is not None:  # in place only on a tensor of its own (PEFT clones for this)
+            result = result.clone()
+        down = F.linear(module.lora_dropout[name](flat), lora_a) * module.scaling[name]
+        result.addmm_(down, lora_b.t())
+        return result.view(*x.shape[:-1], result.shape[-1])
+
+    return forward
+
+
+def apply_fused_lora(model: torch.nn.Module) -> int:
+    """Give every PEFT LoRA linear layer of ``model`` the fused forward (per instance); returns
+    how many. Idempotent."""
+    n = 0
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "scaling")):
+            continue
+        if not isinstance(module.get_base_layer(), torch.nn.Linear):  # bnb Linear4bit is one too
+            continue
+        if "_vlmtune_fused_lora" not in module.__dict__:
+            module.forward = _lora_forward(module, module.forward)
+            module._vlmtune_fused_lora = True
+        n += 1
+    return n
+
+
 # ---------------------------------------------------------------- fused RMSNorm / SwiGLU
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """InternLM2RMSNorm.forward's arithmetic, op for op."""
@@ -199,11 +263,14 @@ def _fused(fn, compile: bool):
     return _FUSED[fn]
 
 
-def apply_fused_norm(model: torch.nn.Module, compile: bool = True) -> dict:
+def apply_fused_elementwise(model: torch.nn.Module, compile: bool = True) -> dict:
     """Route InternLM2's RMSNorm and SwiGLU MLP modules through the fused functions (per
-    instance). Returns counts."""
+    instance), and its attention's rotary embedding through a compiled copy of the model's own
+    ``apply_rotary_pos_emb`` (looked up in the modelling module at every call, so replacing the
+    module's attribute is enough; each InternLM2 release's own arithmetic is what gets compiled).
+    Returns counts."""
     norm, mlp = _fused(rms_norm, compile), _fused(silu_mul, compile)
-    done = dict(rms_norm=0, swiglu=0)
+    done = dict(rms_norm=0, swiglu=0, rope_modules=0)
     for module in model.modules():
         name = type(module).__name__
         if name == "InternLM2RMSNorm":
@@ -214,6 +281,14 @@ def apply_fused_norm(model: torch.nn.Module, compile: bool = True) -> dict:
         elif name == "InternLM2MLP" and isinstance(module.act_fn, torch.nn.SiLU):
             module.forward = types.MethodType(lambda self, x: self.w2(mlp(self.w1(x), self.w3(x))), module)
             done["swiglu"] += 1
+        elif name.startswith("InternLM2") and name.endswith("Attention"):
+            modelling = sys.modules[type(module).__module__]
+            rope = getattr(modelling, "apply_rotary_pos_emb", None)
+            if compile and rope is not None and not getattr(rope, "_vlmtune_fused", False):
+                fused = _fused(rope, compile)
+                fused._vlmtune_fused = True
+                modelling.apply_rotary_pos_emb = fused
+                done["rope_modules"] += 1
     return done
 
 
@@ -229,8 +304,10 @@ def apply(xtuner_model, settings: dict) -> dict:
     dtype = settings.get("qlora_compute_dtype", "float16")
     if dtype != "float16":
         done["4bit_layers_" + dtype] = set_4bit_compute_dtype(xtuner_model, dtype)
-    if settings.get("fused_norm"):
-        done.update(apply_fused_norm(xtuner_model, compile=torch.cuda.is_available()))
+    if settings.get("fused_elementwise"):
+        done.update(apply_fused_elementwise(xtuner_model, compile=torch.cuda.is_available()))
+    if settings.get("fused_lora"):
+        done["fused_lora_layers"] = apply_fused_lora(xtuner_model)
     return done
 
 
@@ -247,7 +324,10 @@ CATEGORIES = (
 
 
 def kernel_category(name: str) -> str:
-    n = name.lower()
+    """The category of a CUDA kernel (or memcpy) name from ``torch.profiler``."""
+    # Template arguments name lambdas ("{lambda(int)#1}") and ``gpu_kernel_impl_nocast``, which
+    # would otherwise read as the optimizer's "lamb" and as a cast: drop those words first.
+    n = name.lower().replace("lambda", "").replace("nocast", "")
     if any(k in n for k in ("flash", "fmha", "attention", "attn", "sdpa")):
         return "attention"
     if any(k in n for k in ("nccl", "allreduce", "all_reduce", "allgather", "reducescatter")):
@@ -277,7 +357,7 @@ def kernel_category(name: str) -> str:
         return "GEMM"
     if any(k in n for k in ("multi_tensor", "adam", "foreach", "optimizer", "lamb")):
         return "optimizer"
-    if any(k in n for k in ("copy", "memcpy", "memset", "cast", "convert", "cat", "fill")):
+    if any(k in n for k in ("copy", "memcpy", "memset", "cast", "convert", "catarray", "fill")):
         return "casts/copies"
     return "element-wise"
 

@@ -57,7 +57,9 @@ SETTINGS = (
     "label_only_head",
     "qlora_compute_dtype",
     "quantize_head",
-    "fused_norm",
+    "fused_elementwise",
+    "fused_lora",
+    "pin_memory",
 )
 
 TEMPLATE = Template("""\
@@ -138,6 +140,7 @@ llava_dataset = dict(
 train_dataloader = dict(
     batch_size=batch_size,
     num_workers=dataloader_num_workers,
+    pin_memory=$pin_memory,
     dataset=llava_dataset,
     sampler=dict(
         type=LengthGroupedSampler,
@@ -339,6 +342,8 @@ def render(
         batch_size=train["batch_size"],
         accumulative_counts=plan["accumulative_counts"],
         dataloader_num_workers=train.get("dataloader_num_workers", 0),
+        # page-locked batches: the host-to-device copy of the image tiles runs at full PCIe speed
+        pin_memory=cuda and train.get("pin_memory", False),
         max_epochs=train["max_epochs"],
         lr=repr(float(train["lr"])),
         betas=repr(tuple(train.get("betas", (0.9, 0.999)))),

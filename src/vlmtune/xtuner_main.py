@@ -21,7 +21,7 @@ XTuner tool read it unchanged, and the weights the levers train are the same):
   ``width``/``height``, from which the exact tile count follows (XTuner's own tiling arithmetic),
   so micro-batches hold samples of similar real length and padding shrinks;
 - ``iteration_log``: registers ``vlmtune.iteration_log``'s hook (per-iteration figures);
-- ``label_only_head``, ``qlora_compute_dtype``, ``quantize_head``, ``fused_norm``: ``vlmtune.speed``
+- ``label_only_head``, ``qlora_compute_dtype``, ``quantize_head``, ``fused_elementwise``: ``vlmtune.speed``
   (the LLM's output head and loss only at labelled positions; bf16 compute for the 4-bit layers;
   the output head kept out of 4-bit; fused RMSNorm/SwiGLU).
 
