@@ -400,6 +400,7 @@ speed.set_4bit_compute_dtype(model, "bfloat16")
 for name, a, b in zip(("output", "grad_input", "grad_A", "grad_B"), lora_run(0), ref_lora):
     out["module_lora_4bit_fused_" + name] = rel(a, b)
 out["module_lora_layer"] = type(lora_layer).__name__
+out["module_lora_fallbacks"] = lora_layer.__dict__.get("_vlmtune_fallbacks", 0)
 with torch.no_grad():
     lora_layer.lora_B.default.weight.copy_(saved_b)
 for p in model.parameters():
@@ -437,6 +438,12 @@ with torch.no_grad():
     out["module_swiglu_fused"] = rel(layer.feed_forward(x), ref_mlp)
     out["module_decoder_layer_fused"] = rel(layer(x, position_ids=positions)[0], ref_layer)
 losses["all_with_fused_elementwise"] = loss()
+if cuda:  # compiled decoder layers (graph breaks and failures reported, not fatal)
+    try:
+        out["compiled_layers"] = speed.compile_decoder_layers(model.model.language_model)
+        losses["all_with_compiled_layers"] = loss()
+    except Exception as exc:  # noqa: BLE001
+        out["compile_error"] = repr(exc)[-800:]
 ref = losses["unpatched"]
 out["losses"] = losses
 out["rel_diff"] = {k: abs(v - ref) / abs(ref) for k, v in losses.items() if k != "unpatched"}
@@ -491,6 +498,13 @@ def equivalence_text(eq: dict) -> str:
             lines.append(
                 f"  {k}: rel. err. {eq[k]:.2e} ({'pass' if eq[k] <= 1e-2 else 'FAIL'} at 1e-2, bf16)"
             )
+    if "module_lora_fallbacks" in eq:
+        lines.append(
+            f"  fused LoRA: {eq['fused_lora_layers']} layers patched; the checked {eq['module_lora_layer']} "
+            f"layer fell back to PEFT's forward {eq['module_lora_fallbacks']} time(s)"
+        )
+    if "compile_error" in eq:
+        lines.append("  compiled decoder layers FAILED: " + eq["compile_error"])
     return "\n".join(lines)
 
 

@@ -14,4 +14,5 @@ LAUNCHER_LEVERS = dict(
     quantize_head=True,
     fused_elementwise=False,
     fused_lora=False,
+    compile_layers=False,
 )

@@ -205,14 +205,16 @@ def _lora_forward(module: torch.nn.Module, original):
             or module.use_dora.get(name, False)
             or module.lora_B[name].bias is not None
             or torch.is_autocast_enabled()
+            or not (x.dtype == module.lora_A[name].weight.dtype == module.lora_B[name].weight.dtype)
         ):
+            # counted, so a benchmark can tell whether the fused path ran
+            module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
             return original(x, *args, **kwargs)
         lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
-        if not (x.dtype == lora_a.dtype == lora_b.dtype):
-            return original(x, *args, **kwargs)
         flat = x.reshape(-1, x.shape[-1])
         result = module.base_layer(flat)
         if result.dtype != x.dtype:
+            module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
             return original(x, *args, **kwargs)
         if result._base is not None:  # in place only on a tensor of its own (PEFT clones for this)
             result = result.clone()
@@ -292,6 +294,23 @@ def apply_fused_elementwise(model: torch.nn.Module, compile: bool = True) -> dic
     return done
 
 
+# ---------------------------------------------------------------- compiled decoder layers
+def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
+    """``torch.compile`` every decoder layer of the LLM in place (``nn.Module.compile``): at a
+    micro-batch of a few thousand tokens the GPU waits for Python (HF's layer code, PEFT's LoRA
+    wrapper, bitsandbytes' 4-bit autograd function: ~1,000 kernel launches per layer and step);
+    a compiled layer replays one graph with fused element-wise kernels. ``dynamic=True``: one graph
+    for every sequence length. Returns how many layers."""
+    import torch._dynamo
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    # one code object for all layers: keep dynamo from falling back to eager after 8 variants
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(layers))
+    for layer in layers:
+        layer.compile(dynamic=dynamic)
+    return len(layers)
+
+
 # ---------------------------------------------------------------- apply all
 def apply(xtuner_model, settings: dict) -> dict:
     """Apply the levers of ``settings`` (the launcher dict) to a built ``InternVL_V1_5``."""
@@ -308,6 +327,8 @@ def apply(xtuner_model, settings: dict) -> dict:
         done.update(apply_fused_elementwise(xtuner_model, compile=torch.cuda.is_available()))
     if settings.get("fused_lora"):
         done["fused_lora_layers"] = apply_fused_lora(xtuner_model)
+    if settings.get("compile_layers") and torch.cuda.is_available():
+        done["compiled_layers"] = compile_decoder_layers(xtuner_model.model.language_model)
     return done
 
 

@@ -59,6 +59,7 @@ SETTINGS = (
     "quantize_head",
     "fused_elementwise",
     "fused_lora",
+    "compile_layers",
     "pin_memory",
 )
 
