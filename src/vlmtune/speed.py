@@ -36,6 +36,7 @@ the built model, never by editing XTuner's or the model's files.
 - ``fused_lora`` (``train.fused_lora``): PEFT's LoRA layers add the adapter's output in three
   element-wise passes over a tokens x out_features tensor (copy, scale, add); the lever adds it
   inside the up-projection's GEMM (``addmm_``) and scales the rank-wide tensor instead.
+- ``compile_layers`` (``train.compile_layers``): ``torch.compile`` of every decoder layer (CUDA only).
 
 ``bench_hook_class()`` is the benchmark's iteration hook: the project's ``IterationLogHook`` plus
 the labelled-position count of each iteration (``labels.jsonl``, for the FLOP model) and an
@@ -297,9 +298,10 @@ def apply_fused_elementwise(model: torch.nn.Module, compile: bool = True) -> dic
 # ---------------------------------------------------------------- compiled decoder layers
 def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
     """``torch.compile`` every decoder layer of the LLM in place (``nn.Module.compile``): at a
-    micro-batch of a few thousand tokens the GPU waits for Python (HF's layer code, PEFT's LoRA
-    wrapper, bitsandbytes' 4-bit autograd function: ~1,000 kernel launches per layer and step);
-    a compiled layer replays one graph with fused element-wise kernels. ``dynamic=True``: one graph
+    micro-batch of a few thousand tokens the GPU idles while Python launches many small kernels
+    (HF's layer code, PEFT's LoRA wrapper, bitsandbytes' 4-bit autograd function); a compiled
+    layer runs one graph with fused element-wise kernels. Measured on an H200: no faster
+    (benchmarks/RESULTS.md, round 2c), so it ships off. ``dynamic=True``: one graph
     for every sequence length. Returns how many layers."""
     import torch._dynamo
 
