@@ -99,6 +99,8 @@ NEW_LEVERS_OFF = dict(
     fused_elementwise=False,
     fused_lora=False,
     pin_memory=False,
+    compile_layers=False,
+    shared_rope=False,
 )
 
 
@@ -410,6 +412,8 @@ losses["fused_lora"] = loss()
 speed.set_4bit_compute_dtype(model, "bfloat16")
 model.vlmtune_label_only_head = True
 losses["label_only_head+bf16_compute+fused_lora"] = loss()
+out["shared_rope_modules"] = speed.share_rotary_embedding(model.model.language_model)
+losses["label_only_head+bf16_compute+fused_lora+shared_rope"] = loss()
 # modules on random inputs
 torch.manual_seed(0)
 lm = speed.causal_lm(model.model.language_model)

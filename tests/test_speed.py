@@ -213,6 +213,41 @@ def test_fused_lora_leaves_the_other_cases_to_peft():
         assert torch.allclose(fused(x), stock(x), atol=1e-5)
 
 
+def test_shared_rope_same_logits_one_computation_per_forward(tiny_model):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(tiny_model), torch_dtype=torch.float32, trust_remote_code=True)
+    lm = model.eval().language_model
+    ids = torch.randint(0, lm.config.vocab_size, (2, 19))
+    with torch.no_grad():
+        ref = lm(input_ids=ids).logits
+    ropes = [layer.attention.rotary_emb for layer in lm.model.layers]
+    assert len(ropes) > 1
+    computed = []
+
+    def counted(forward):
+        return lambda x, position_ids: (computed.append(1), forward(x, position_ids))[1]
+
+    for rope in ropes:  # count what reaches the modules' own code
+        rope.forward = counted(rope.forward)
+    assert speed.share_rotary_embedding(lm) == len(ropes) and speed.share_rotary_embedding(lm) == len(ropes)
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, ref)
+        assert len(computed) == 1  # once per forward, not once per layer
+        lm(input_ids=ids[:, :11])  # new position ids: computed again
+        assert len(computed) == 2
+
+
+def test_shared_rope_leaves_seq_len_style_modules_alone():
+    class SeqLenRope(torch.nn.Module):
+        def forward(self, x, seq_len=None):
+            return x, x
+
+    holder = torch.nn.Module()
+    holder.rotary_emb = SeqLenRope()
+    assert speed.share_rotary_embedding(holder) == 0 and "forward" not in holder.rotary_emb.__dict__
+
+
 def test_4bit_compute_dtype():
     bnb = pytest.importorskip("bitsandbytes")
     model = torch.nn.Sequential(

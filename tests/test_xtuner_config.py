@@ -82,6 +82,7 @@ LEVERS = {
     "fused_elementwise": True,
     "fused_lora": True,
     "compile_layers": True,
+    "shared_rope": True,
     "pin_memory": True,
     "max_iters": 12,
 }
@@ -105,6 +106,7 @@ def test_stock_settings_render_stock_behaviour(configs, train_json, tmp_path):
         fused_elementwise=False,
         fused_lora=False,
         compile_layers=False,
+        shared_rope=False,
     )
     cfg = load(text, tmp_path)
     assert cfg.train_cfg.max_epochs == 1 and "max_iters" not in cfg.train_cfg
@@ -227,6 +229,7 @@ def test_tutorial_overlay_renders_the_stock_tutorial_run(train_json, tmp_path):
         fused_elementwise=False,
         fused_lora=False,
         compile_layers=False,
+        shared_rope=False,
     )
     cfg = load(text, tmp_path)
     assert cfg.model.quantization_llm is True and cfg.train_dataloader.batch_size == 8

@@ -15,4 +15,5 @@ LAUNCHER_LEVERS = dict(
     fused_elementwise=False,
     fused_lora=False,
     compile_layers=False,
+    shared_rope=False,
 )

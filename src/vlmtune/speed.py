@@ -37,6 +37,9 @@ the built model, never by editing XTuner's or the model's files.
   element-wise passes over a tokens x out_features tensor (copy, scale, add); the lever adds it
   inside the up-projection's GEMM (``addmm_``) and scales the rank-wide tensor instead.
 - ``compile_layers`` (``train.compile_layers``): ``torch.compile`` of every decoder layer (CUDA only).
+- ``shared_rope`` (``train.shared_rope``): the rotary embedding's cos/sin computed by the first
+  layer and reused by the others (one GPU-to-CPU sync per forward instead of one per layer in the
+  dynamic-NTK code).
 
 ``bench_hook_class()`` is the benchmark's iteration hook: the project's ``IterationLogHook`` plus
 the labelled-position count of each iteration (``labels.jsonl``, for the FLOP model) and an
@@ -295,6 +298,50 @@ def apply_fused_elementwise(model: torch.nn.Module, compile: bool = True) -> dic
     return done
 
 
+# ---------------------------------------------------------------- shared rotary embedding
+def _shared_rope_forward(original, cache: dict):
+    def forward(x, position_ids):
+        key = (position_ids._version, x.dtype, x.device)
+        hit = cache.get("last")
+        if hit is not None and hit[0] is position_ids and hit[1] == key:
+            return hit[2]
+        out = original(x, position_ids)
+        # a strong reference to position_ids: its id cannot be reused while the entry lives
+        cache["last"] = (position_ids, key, out)
+        return out
+
+    return forward
+
+
+def share_rotary_embedding(model: torch.nn.Module) -> int:
+    """Compute the rotary embedding's cos/sin once per forward and hand the same tensors to every
+    layer. Newer InternLM2 code (the one xtuner 0.2.0 ships, ``forward(x, position_ids)``) gives each
+    attention layer its own rotary module that recomputes cos/sin from ``position_ids``; its
+    dynamic-NTK variant also compares ``max(position_ids)`` (a GPU tensor) with an int, which makes
+    the CPU wait for the GPU in every layer. The modules of one configuration share a cache keyed
+    by the identity (and version) of ``position_ids``, the input's dtype and device: the first
+    layer computes, the others reuse the same values (no grad flows through cos/sin). Code whose
+    rotary module takes a Python ``seq_len`` instead is left alone. Returns how many modules."""
+    import inspect
+
+    caches: dict = {}
+    n = 0
+    for module in model.modules():
+        rope = getattr(module, "rotary_emb", None)
+        if not isinstance(rope, torch.nn.Module):
+            continue
+        if "position_ids" not in inspect.signature(type(rope).forward).parameters:
+            continue
+        if "_vlmtune_shared" not in rope.__dict__:
+            config = tuple(
+                getattr(rope, k, None) for k in ("dim", "base", "max_position_embeddings", "scaling_factor")
+            )
+            rope.forward = _shared_rope_forward(rope.forward, caches.setdefault((type(rope), config), {}))
+            rope._vlmtune_shared = True
+        n += 1
+    return n
+
+
 # ---------------------------------------------------------------- compiled decoder layers
 def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
     """``torch.compile`` every decoder layer of the LLM in place (``nn.Module.compile``): at a
@@ -329,6 +376,8 @@ def apply(xtuner_model, settings: dict) -> dict:
         done.update(apply_fused_elementwise(xtuner_model, compile=torch.cuda.is_available()))
     if settings.get("fused_lora"):
         done["fused_lora_layers"] = apply_fused_lora(xtuner_model)
+    if settings.get("shared_rope"):
+        done["shared_rope_modules"] = share_rotary_embedding(xtuner_model.model.language_model)
     if settings.get("compile_layers") and torch.cuda.is_available():
         done["compiled_layers"] = compile_decoder_layers(xtuner_model.model.language_model)
     return done

@@ -60,6 +60,7 @@ SETTINGS = (
     "fused_elementwise",
     "fused_lora",
     "compile_layers",
+    "shared_rope",
     "pin_memory",
 )
 
