@@ -209,6 +209,11 @@ def test_fused_lora_leaves_the_other_cases_to_peft():
             base = fused(x)
             assert torch.equal(base, stock(x))
         assert not torch.allclose(fused(x), base, atol=1e-3)  # adapters on again
+        layer = fused.base_model.model[0]
+        before = layer._vlmtune_fallbacks  # the disabled adapters above took PEFT's path too
+        layer.lora_B.default.weight.ds_id = 7  # as DeepSpeed ZeRO-3 marks a partitioned weight
+        assert torch.equal(fused(x), stock(x)) and layer._vlmtune_fallbacks == before + 1
+        del layer.lora_B.default.weight.ds_id
         fused.merge_adapter()  # merged weights: PEFT's own path
         assert torch.allclose(fused(x), stock(x), atol=1e-5)
 

@@ -195,7 +195,8 @@ def _lora_forward(module: torch.nn.Module, original):
     scaling moves to the rank-wide tensor; ``addmm_``'s backward hands the output gradient to the
     base unchanged). Same arithmetic up to the order of the scaling; the original forward runs
     whenever the case is not the plain one (several or disabled adapters, merged weights, DoRA,
-    a LoRA bias, autocast, mixed dtypes, per-call adapter names)."""
+    a LoRA bias, autocast, mixed dtypes, per-call adapter names, DeepSpeed ZeRO-3's partitioned
+    weights)."""
 
     def forward(x, *args, **kwargs):
         active = module.active_adapters
@@ -210,6 +211,8 @@ def _lora_forward(module: torch.nn.Module, original):
             or module.lora_B[name].bias is not None
             or torch.is_autocast_enabled()
             or not (x.dtype == module.lora_A[name].weight.dtype == module.lora_B[name].weight.dtype)
+            # ZeRO-3 gathers a weight only when its own module is called, which this path skips
+            or hasattr(module.lora_B[name].weight, "ds_id")
         ):
             # counted, so a benchmark can tell whether the fused path ran
             module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
