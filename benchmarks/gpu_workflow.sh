@@ -8,9 +8,7 @@
 #
 # Model: the exact-size InternVL2-2B with random weights (vlmtune.model_builder --preset full), in
 # a folder named `base2b` (no "InternVL2" in the base or the merged model's path: the explicit
-# chat template must do the work). Its output head is scaled by HEAD_GAIN (default 20): with the
-# plain initialisation the top two first-token logits lie ~0.2 apart on every record, too close for
-# two engines' bf16 arithmetic to agree on; the gain gives clear margins to compare at. Data: a CLoT-shaped dataset in the hub's layout (cn.jsonl +
+# chat template must do the work). Data: a CLoT-shaped dataset in the hub's layout (cn.jsonl +
 # images.zip, vlmtune.demo clot-like). Wheels for the GPU machine: benchmarks/gpu_wheels.sh.
 #
 # Usage (GPU machine, repo root): OUT=/some/dir bash benchmarks/gpu_workflow.sh
@@ -41,8 +39,7 @@ PY
 RUN_DIR=$WORK/run
 mkdir -p "$RUN_DIR"
 cp -r Snakefile workflow config envs src "$RUN_DIR"/
-[ -d "$WORK/base2b" ] || python3 -m vlmtune.model_builder --preset full --head-gain "${HEAD_GAIN:-20}" \
-  --out "$WORK/base2b" 2>&1 | tail -1
+[ -d "$WORK/base2b" ] || python3 -m vlmtune.model_builder --preset full --out "$WORK/base2b" 2>&1 | tail -1
 [ -d "$WORK/clot" ] || python3 -m vlmtune.demo clot-like --out "$WORK/clot" --records "$RECORDS"
 cat > "$RUN_DIR/overlay.yaml" <<EOF
 run: gpu

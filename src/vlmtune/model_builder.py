@@ -285,20 +285,12 @@ def build_tokenizer(vocab_size: int, bpe_vocab: int, corpus: list[str], tail: li
 
 
 def build(
-    out: Path,
-    preset: str = "tiny",
-    seed: int = 0,
-    corpus: list[str] | None = None,
-    device: str = "cpu",
-    head_gain: float = 1.0,
+    out: Path, preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None, device: str = "cpu"
 ) -> Path:
     """Write a randomly initialised InternVL2 of ``preset``'s architecture (the real remote-code
     classes), with a tokenizer trained on the corpus, to ``out`` (atomically). ``device``: where
     the weights are initialised (``cuda`` makes the exact-size 8B and 26B quick to build); the
-    files are the same format either way. ``head_gain`` scales the LLM's output head: with the
-    default initialisation the top two logits of a random model lie ~0.2 apart, so two engines'
-    bf16 arithmetic may pick different first tokens; a gain of ~20 spreads the logits so that the
-    top token leads clearly and an engine comparison can check agreement."""
+    files are the same format either way."""
     import torch
     from transformers import AutoConfig, AutoModel
 
@@ -316,9 +308,6 @@ def build(
         torch.manual_seed(seed)
         with torch.device(device):
             model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
-        if head_gain != 1.0:
-            with torch.no_grad():
-                model.language_model.get_output_embeddings().weight.mul_(head_gain)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         # save_pretrained rewrites config.json with the temporary folder's name: make the
         # build reproducible byte for byte. The remote code must stay beside it.
@@ -375,11 +364,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where to initialise the weights (cpu | cuda)")
-    ap.add_argument(
-        "--head-gain", type=float, default=1.0, help="scale of the LLM output head (clear logit margins: ~20)"
-    )
     args = ap.parse_args(argv)
-    path = build(args.out, args.preset, args.seed, device=args.device, head_gain=args.head_gain)
+    path = build(args.out, args.preset, args.seed, device=args.device)
     print(f"built {args.preset} InternVL2 at {path}: {count_parameters(path):,} parameters")
 
 
