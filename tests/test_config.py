@@ -24,6 +24,10 @@ def test_shipped_configs_are_valid(configs):
         ({"model": {"source": "s3"}}, "model.source: 's3' is not allowed"),
         ({"typo_key": 1}, "unknown key(s) ['typo_key']"),
         (
+            {"train": {"fused_norm": True}},
+            "unknown key(s) ['fused_norm'] (fused_norm is now train.fused_elementwise)",
+        ),
+        (
             {"conversion": {"on_bad_record": "ignore"}},
             "conversion.on_bad_record: 'ignore' is not allowed; choose one of ['skip', 'error']",
         ),

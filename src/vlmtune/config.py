@@ -43,6 +43,10 @@ def _key(path) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
+# keys an earlier release had, with their new names (named in the unknown-key error)
+RENAMED = {"train.fused_norm": "train.fused_elementwise"}
+
+
 def _describe(error) -> str:
     """One line per schema violation: the dotted key, the value and what is allowed."""
     key = _key(error.absolute_path)
@@ -54,7 +58,9 @@ def _describe(error) -> str:
     if v == "additionalProperties":
         allowed = sorted(schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed))
-        return f"{key}: unknown key(s) {extra}; allowed keys are {allowed}"
+        renamed = [f"{k} is now {RENAMED[f'{key}.{k}']}" for k in extra if f"{key}.{k}" in RENAMED]
+        hint = f" ({'; '.join(renamed)})" if renamed else ""
+        return f"{key}: unknown key(s) {extra}{hint}; allowed keys are {allowed}"
     if v == "required":
         return f"{key}: {error.message}"
     if v == "type":

@@ -185,51 +185,68 @@ def set_4bit_compute_dtype(model: torch.nn.Module, dtype: str) -> int:
 
 
 # ---------------------------------------------------------------- fused LoRA output
-def _lora_forward(module: torch.nn.Module, original):
-    """``forward`` of a PEFT LoRA linear layer (``lora.Linear`` or ``lora.bnb.Linear4bit``) that adds
+def _fallback(module: torch.nn.Module, why: str | None = None) -> None:
+    """Count a call that took PEFT's own forward (the benchmark reads the count); warn once per
+    process when a setting, not the call, keeps the lever from working (autocast, mixed dtypes)."""
+    module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
+    if why and why not in _WARNED:
+        _WARNED.add(why)
+        import warnings
+
+        warnings.warn(
+            f"train.fused_lora has no effect here ({why}): PEFT's own LoRA forward runs", stacklevel=3
+        )
+
+
+_WARNED: set = set()
+
+
+def fused_lora_forward(self, x, *args, **kwargs):
+    """``forward`` of a PEFT LoRA linear layer (``lora.Linear``, or ``lora.bnb.Linear4bit``) that adds
     the adapter's output inside the up-projection's GEMM: ``y = base(x)`` flattened to 2-D, then
     ``y.addmm_(scaling * A(dropout(x)), B^T)`` in place. PEFT computes ``B(A(dropout(x))) * scaling``
-    as a full-width tensor, scales it, adds it to a copy of ``base(x)`` (its 4-bit path clones the
-    base output first), and the backward scales the full-width gradient again: three element-wise
-    passes over a tokens x out_features tensor forward and one backward, where this does none (the
-    scaling moves to the rank-wide tensor; ``addmm_``'s backward hands the output gradient to the
-    base unchanged). Same arithmetic up to the order of the scaling; the original forward runs
-    whenever the case is not the plain one (several or disabled adapters, merged weights, DoRA,
-    a LoRA bias, autocast, mixed dtypes, per-call adapter names, DeepSpeed ZeRO-3's partitioned
-    weights)."""
-
-    def forward(x, *args, **kwargs):
-        active = module.active_adapters
-        name = active[0] if len(active) == 1 else None
-        if (
-            args
-            or kwargs
-            or name not in module.lora_A
-            or module.disable_adapters
-            or module.merged
-            or module.use_dora.get(name, False)
-            or module.lora_B[name].bias is not None
-            or torch.is_autocast_enabled()
-            or not (x.dtype == module.lora_A[name].weight.dtype == module.lora_B[name].weight.dtype)
-            # ZeRO-3 gathers a weight only when its own module is called, which this path skips
-            or hasattr(module.lora_B[name].weight, "ds_id")
-        ):
-            # counted, so a benchmark can tell whether the fused path ran
-            module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
-            return original(x, *args, **kwargs)
-        lora_a, lora_b = module.lora_A[name].weight, module.lora_B[name].weight
-        flat = x.reshape(-1, x.shape[-1])
-        result = module.base_layer(flat)
-        if result.dtype != x.dtype:
-            module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
-            return original(x, *args, **kwargs)
-        if result._base is not None:  # in place only on a tensor of its own (PEFT clones for this)
-            result = result.clone()
-        down = F.linear(module.lora_dropout[name](flat), lora_a) * module.scaling[name]
-        result.addmm_(down, lora_b.t())
-        return result.view(*x.shape[:-1], result.shape[-1])
-
-    return forward
+    as a full-width tensor, scales it and adds it to ``base(x)`` (its 4-bit wrapper copies
+    ``base(x)`` first), and the backward scales the full-width gradient again: element-wise passes
+    over a tokens x out_features tensor that this does not make (the scaling moves to the rank-wide
+    tensor; ``addmm_``'s backward hands the output gradient to the base unchanged). Same arithmetic
+    up to the order of the scaling; the class's own forward runs whenever the case is not the
+    plain one (several or disabled adapters, merged weights, DoRA, a LoRA bias, autocast, mixed
+    dtypes, per-call adapter names, DeepSpeed ZeRO-3's partitioned weights). Bound to the instance
+    (``types.MethodType``), so a deep copy of the model binds to the copy."""
+    original = type(self).forward
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (
+        args
+        or kwargs
+        or name not in self.lora_A
+        or self.disable_adapters
+        or self.merged
+        or self.use_dora.get(name, False)
+        or self.lora_B[name].bias is not None
+    ):
+        _fallback(self)
+        return original(self, x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if torch.is_autocast_enabled():
+        _fallback(self, "autocast is on, e.g. train.deepspeed: none on a GPU")
+        return original(self, x, *args, **kwargs)
+    if not (x.dtype == lora_a.dtype == lora_b.dtype):
+        _fallback(self, f"input {x.dtype} but LoRA weights {lora_a.dtype}/{lora_b.dtype}")
+        return original(self, x, *args, **kwargs)
+    if hasattr(lora_b, "ds_id"):  # ZeRO-3 gathers a weight only when its own module is called
+        _fallback(self, "DeepSpeed ZeRO-3 partitions the LoRA weights")
+        return original(self, x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(flat)
+    if result.dtype != x.dtype:
+        _fallback(self, f"the base layer returns {result.dtype} for {x.dtype} input")
+        return original(self, x, *args, **kwargs)
+    if result._base is not None:  # in place only on a tensor of its own (PEFT clones for this)
+        result = result.clone()
+    down = F.linear(self.lora_dropout[name](flat), lora_a) * self.scaling[name]
+    result.addmm_(down, lora_b.t())
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def apply_fused_lora(model: torch.nn.Module) -> int:
@@ -241,9 +258,7 @@ def apply_fused_lora(model: torch.nn.Module) -> int:
             continue
         if not isinstance(module.get_base_layer(), torch.nn.Linear):  # bnb Linear4bit is one too
             continue
-        if "_vlmtune_fused_lora" not in module.__dict__:
-            module.forward = _lora_forward(module, module.forward)
-            module._vlmtune_fused_lora = True
+        module.forward = types.MethodType(fused_lora_forward, module)
         n += 1
     return n
 
@@ -277,7 +292,8 @@ def apply_fused_elementwise(model: torch.nn.Module, compile: bool = True) -> dic
     instance), and its attention's rotary embedding through a compiled copy of the model's own
     ``apply_rotary_pos_emb`` (looked up in the modelling module at every call, so replacing the
     module's attribute is enough; each InternLM2 release's own arithmetic is what gets compiled).
-    Returns counts."""
+    The rotary function is replaced in the modelling module itself, so every model of this process
+    that uses the same remote code gets the compiled copy too (same arithmetic). Returns counts."""
     norm, mlp = _fused(rms_norm, compile), _fused(silu_mul, compile)
     done = dict(rms_norm=0, swiglu=0, rope_modules=0)
     for module in model.modules():
@@ -302,18 +318,20 @@ def apply_fused_elementwise(model: torch.nn.Module, compile: bool = True) -> dic
 
 
 # ---------------------------------------------------------------- shared rotary embedding
-def _shared_rope_forward(original, cache: dict):
-    def forward(x, position_ids):
-        key = (position_ids._version, x.dtype, x.device)
-        hit = cache.get("last")
-        if hit is not None and hit[0] is position_ids and hit[1] == key:
-            return hit[2]
-        out = original(x, position_ids)
-        # a strong reference to position_ids: its id cannot be reused while the entry lives
-        cache["last"] = (position_ids, key, out)
-        return out
-
-    return forward
+def shared_rope_forward(self, x, position_ids):
+    """The rotary module's forward through the cache its configuration shares with the other
+    layers' modules (``self._vlmtune_rope_cache``): the first call for a ``position_ids`` tensor
+    computes, the calls that follow with the same tensor (same identity and version), dtype and
+    device reuse the result. Bound to the instance, so a deep copy shares a copied cache."""
+    cache = self._vlmtune_rope_cache
+    key = (position_ids._version, x.dtype, x.device)
+    hit = cache.get("last")
+    if hit is not None and hit[0] is position_ids and hit[1] == key:
+        return hit[2]
+    out = type(self).forward(self, x, position_ids)
+    # a strong reference to position_ids: its id cannot be reused while the entry lives
+    cache["last"] = (position_ids, key, out)
+    return out
 
 
 def share_rotary_embedding(model: torch.nn.Module) -> int:
@@ -324,7 +342,11 @@ def share_rotary_embedding(model: torch.nn.Module) -> int:
     the CPU wait for the GPU in every layer. The modules of one configuration share a cache keyed
     by the identity (and version) of ``position_ids``, the input's dtype and device: the first
     layer computes, the others reuse the same values (no grad flows through cos/sin). Code whose
-    rotary module takes a Python ``seq_len`` instead is left alone. Returns how many modules."""
+    rotary module takes a Python ``seq_len`` instead (the hub's InternVL2-2B code, as published)
+    is left alone. Limit: the dynamic-NTK module that computes past ``max_position_embeddings``
+    (32,768 for InternVL2-2B) stores a new ``inv_freq`` in itself only, so a later recompute by
+    another layer's module could differ; training here stops at ``max_length`` (8,192 by default).
+    Returns how many modules."""
     import inspect
 
     caches: dict = {}
@@ -335,12 +357,11 @@ def share_rotary_embedding(model: torch.nn.Module) -> int:
             continue
         if "position_ids" not in inspect.signature(type(rope).forward).parameters:
             continue
-        if "_vlmtune_shared" not in rope.__dict__:
-            config = tuple(
-                getattr(rope, k, None) for k in ("dim", "base", "max_position_embeddings", "scaling_factor")
-            )
-            rope.forward = _shared_rope_forward(rope.forward, caches.setdefault((type(rope), config), {}))
-            rope._vlmtune_shared = True
+        config = tuple(
+            getattr(rope, k, None) for k in ("dim", "base", "max_position_embeddings", "scaling_factor")
+        )
+        rope._vlmtune_rope_cache = caches.setdefault((type(rope), config), {})
+        rope.forward = types.MethodType(shared_rope_forward, rope)
         n += 1
     return n
 

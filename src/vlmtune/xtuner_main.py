@@ -22,9 +22,10 @@ XTuner tool read it unchanged, and the weights the levers train are the same):
   so micro-batches hold samples of similar real length and padding shrinks;
 - ``iteration_log``: registers ``vlmtune.iteration_log``'s hook (per-iteration figures);
 - ``label_only_head``, ``qlora_compute_dtype``, ``quantize_head``, ``fused_elementwise``,
-  ``fused_lora``, ``compile_layers``: ``vlmtune.speed`` (the LLM's output head and loss only at
-  labelled positions; bf16 compute for the 4-bit layers; the output head kept out of 4-bit; fused
-  RMSNorm/SwiGLU/RoPE; the LoRA output added inside the GEMM; compiled decoder layers).
+  ``fused_lora``, ``compile_layers``, ``shared_rope``: ``vlmtune.speed`` (the LLM's output head and
+  loss only at labelled positions; bf16 compute for the 4-bit layers; the output head kept out of
+  4-bit; fused RMSNorm/SwiGLU/RoPE; the LoRA output added inside the GEMM; compiled decoder
+  layers; rotary cos/sin once per forward).
 
 Benchmark-only environment variables (``benchmarks/train_gpu.py``): ``VLMTUNE_CUDA_MEMORY_GIB``
 caps this process's CUDA memory (``torch.cuda.set_per_process_memory_fraction``: a smaller GPU's
