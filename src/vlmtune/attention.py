@@ -5,8 +5,13 @@ Without flash-attn, InternVL2's remote code falls back to eager attention in bot
 ``L x L`` score matrix per head (fp32 softmax in the LLM), which dominates the step time and the
 memory at 8k tokens. SDPA with bf16 inputs runs fused flash / memory-efficient kernels instead.
 
-- InternLM2 (LLM): the model code ships ``InternLM2SdpaAttention`` (a subclass of the eager
-  ``InternLM2Attention`` with the same weights); eager layers are switched to it. The causal mask
+- InternLM2 (LLM): where the model code ships ``InternLM2SdpaAttention`` (a subclass of the eager
+  ``InternLM2Attention`` with the same weights: the InternLM2 code of the xtuner wheel), eager
+  layers are switched to it. Where it does not (InternLM2 code with eager and flash-attn classes
+  only, whose rotary module takes a Python ``seq_len``), each eager layer gets
+  ``internlm2_sdpa_forward``: the eager layer's own projections, rotary embedding and key/value
+  repetition, then SDPA (with the additive mask that code builds, or causal without one); calls
+  with a KV cache or asking for attention weights keep the eager forward. The causal mask
   the eager path builds would push SDPA onto its slower masked kernel, and XTuner's collate pads
   on the right only: for such a batch, plain causal attention gives every real token exactly the
   same inputs (padding comes after it), so the mask is dropped and SDPA's causal flash kernel runs.
@@ -45,6 +50,59 @@ def _vit_sdpa_attn(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj_drop(self.proj(x))
 
 
+def internlm2_sdpa_forward(
+    self,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_key_value=None,
+    output_attentions: bool = False,
+    use_cache: bool = False,
+    **kwargs,
+):
+    """An eager ``InternLM2Attention``'s forward with SDPA in place of the score matrix (training
+    calls: no KV cache, no attention weights; other calls run the class's eager forward). The
+    packed ``wqkv`` output is split as the model code splits it: per KV head, its
+    ``num_key_value_groups`` queries, then the key, then the value. The rotary embedding and
+    ``repeat_kv`` are the modelling module's own, called the way its release expects (cos/sin
+    tables indexed by ``position_ids`` when the rotary module takes ``seq_len``)."""
+    if past_key_value is not None or output_attentions or use_cache:
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_value=past_key_value,
+            output_attentions=output_attentions,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    import inspect
+
+    modelling = sys.modules[type(self).__module__]
+    bsz, q_len, _ = hidden_states.shape
+    groups = self.num_key_value_groups
+    qkv = self.wqkv(hidden_states).view(bsz, q_len, -1, groups + 2, self.head_dim)
+    query = qkv[..., :groups, :].reshape(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+    key = qkv[..., -2, :].transpose(1, 2)
+    value = qkv[..., -1, :].transpose(1, 2)
+    if "seq_len" in inspect.signature(self.rotary_emb.forward).parameters:
+        cos, sin = self.rotary_emb(value, seq_len=q_len)
+        query, key = modelling.apply_rotary_pos_emb(query, key, cos, sin, position_ids)
+    else:
+        cos, sin = self.rotary_emb(value, position_ids)
+        query, key = modelling.apply_rotary_pos_emb(query, key, cos, sin)
+    key = modelling.repeat_kv(key, groups)
+    value = modelling.repeat_kv(value, groups)
+    if attention_mask is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1)
+    else:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype))
+    out = out.transpose(1, 2).reshape(bsz, q_len, -1)
+    return self.wo(out), None, None
+
+
 def right_padded(mask: torch.Tensor) -> bool:
     """True when every row of a 2D 0/1 mask is ones followed by zeros (XTuner's collate)."""
     m = mask.to(torch.int8)
@@ -81,12 +139,20 @@ def apply(model: torch.nn.Module, mode: str = "sdpa") -> dict:
             module._naive_attn = types.MethodType(_vit_sdpa_attn, module)
             done["vit"] += 1
         elif cls.__name__ == "InternLM2Attention":
+            if getattr(module.config, "pretraining_tp", 1) > 1:
+                raise RuntimeError(f"{cls.__module__}: SDPA with pretraining_tp > 1 is not supported")
             sdpa_cls = getattr(sys.modules[cls.__module__], "InternLM2SdpaAttention", None)
-            if sdpa_cls is None or getattr(module.config, "pretraining_tp", 1) > 1:
-                raise RuntimeError(f"{cls.__module__} has no usable InternLM2SdpaAttention")
-            module.__class__ = sdpa_cls
+            if sdpa_cls is not None:
+                module.__class__ = sdpa_cls
+            else:
+                module.forward = types.MethodType(internlm2_sdpa_forward, module)
+                done["llm_own_forward"] = done.get("llm_own_forward", 0) + 1
             done["llm"] += 1
-        elif cls.__name__ == "InternLM2Model" and not getattr(module, "_vlmtune_sdpa_mask", False):
+        elif (
+            cls.__name__ == "InternLM2Model"
+            and hasattr(module, "_update_causal_mask")
+            and not getattr(module, "_vlmtune_sdpa_mask", False)
+        ):
             module._update_causal_mask = _causal_mask_for_sdpa(module._update_causal_mask)
             module._vlmtune_sdpa_mask = True
             done["llm_models"] += 1
