@@ -62,6 +62,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from vlmtune.levers import LAUNCHER_LEVERS  # noqa: E402  (no imports of its own: no torch here)
 
 QUESTION = "请你根据这张图片,讲一个脑洞大开的梗。"
 STOCK = dict(  # the tutorial's XTuner settings (docs/reference-run.md), one GPU
@@ -91,17 +92,12 @@ STOCK = dict(  # the tutorial's XTuner settings (docs/reference-run.md), one GPU
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
 
-# the levers of round 2 (off: XTuner stock; on: as config/config.yaml ships them)
-NEW_LEVERS_OFF = dict(
-    label_only_head=False,
-    qlora_compute_dtype="float16",
-    quantize_head=True,
-    fused_elementwise=False,
-    fused_lora=False,
-    pin_memory=False,
-    compile_layers=False,
-    shared_rope=False,
-)
+ROUND1_LEVERS = ("attention", "gradient_checkpointing", "group_by_exact_length", "cuda_expandable_segments")
+# the levers since round 2 at XTuner's stock values (config/config.yaml ships its own choice)
+NEW_LEVERS_OFF = {
+    **{k: v for k, v in LAUNCHER_LEVERS.items() if k not in (*ROUND1_LEVERS, "iteration_log")},
+    "pin_memory": False,
+}
 
 
 def project_settings(per_gpu_global_batch: int, *overlays: str) -> dict:
@@ -378,8 +374,9 @@ model.vlmtune_label_only_head = True
 losses["label_only_head+bf16_compute"] = loss()
 # one PEFT LoRA layer over a 4-bit base, training mode (dropout on): output and gradients of PEFT's
 # forward vs the fused one, with the same dropout mask (same seed)
+# XTuner's adapters are PEFT's plain lora.Linear, over a bitsandbytes Linear4bit base (docs/xtuner.md)
 lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-lora_layer = next((m for m in lora_layers if type(m).__name__ == "Linear4bit"), lora_layers[0])
+lora_layer = next((m for m in lora_layers if type(m.base_layer).__name__ == "Linear4bit"), lora_layers[0])
 saved_b = lora_layer.lora_B.default.weight.detach().clone()
 def lora_run(seed):
     torch.manual_seed(seed)
@@ -401,7 +398,7 @@ out["fused_lora_layers"] = speed.apply_fused_lora(model)
 speed.set_4bit_compute_dtype(model, "bfloat16")
 for name, a, b in zip(("output", "grad_input", "grad_A", "grad_B"), lora_run(0), ref_lora):
     out["module_lora_4bit_fused_" + name] = rel(a, b)
-out["module_lora_layer"] = type(lora_layer).__name__
+out["module_lora_layer"] = f"{type(lora_layer).__name__} over {type(lora_layer.base_layer).__name__}"
 out["module_lora_fallbacks"] = lora_layer.__dict__.get("_vlmtune_fallbacks", 0)
 with torch.no_grad():
     lora_layer.lora_B.default.weight.copy_(saved_b)

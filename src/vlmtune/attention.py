@@ -26,6 +26,7 @@ random inputs (used by the GPU benchmark in bf16 and by the CPU tests in fp32).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -65,7 +66,8 @@ def internlm2_sdpa_forward(
     packed ``wqkv`` output is split as the model code splits it: per KV head, its
     ``num_key_value_groups`` queries, then the key, then the value. The rotary embedding and
     ``repeat_kv`` are the modelling module's own, called the way its release expects (cos/sin
-    tables indexed by ``position_ids`` when the rotary module takes ``seq_len``)."""
+    tables indexed by ``position_ids`` when the rotary module takes ``seq_len``: decided once by
+    ``apply``, in ``self._vlmtune_rope_seq_len``)."""
     if past_key_value is not None or output_attentions or use_cache:
         return type(self).forward(
             self,
@@ -77,8 +79,6 @@ def internlm2_sdpa_forward(
             use_cache=use_cache,
             **kwargs,
         )
-    import inspect
-
     modelling = sys.modules[type(self).__module__]
     bsz, q_len, _ = hidden_states.shape
     groups = self.num_key_value_groups
@@ -86,7 +86,7 @@ def internlm2_sdpa_forward(
     query = qkv[..., :groups, :].reshape(bsz, q_len, -1, self.head_dim).transpose(1, 2)
     key = qkv[..., -2, :].transpose(1, 2)
     value = qkv[..., -1, :].transpose(1, 2)
-    if "seq_len" in inspect.signature(self.rotary_emb.forward).parameters:
+    if self._vlmtune_rope_seq_len:
         cos, sin = self.rotary_emb(value, seq_len=q_len)
         query, key = modelling.apply_rotary_pos_emb(query, key, cos, sin, position_ids)
     else:
@@ -130,7 +130,7 @@ def apply(model: torch.nn.Module, mode: str = "sdpa") -> dict:
     Returns counts of what was switched; ``eager`` changes nothing."""
     if mode not in MODES:
         raise ValueError(f"attention {mode!r}: choose one of {MODES}")
-    done = dict(vit=0, llm=0, llm_models=0)
+    done = dict(vit=0, llm=0, llm_own_forward=0, llm_models=0)
     if mode == "eager":
         return done
     for module in model.modules():
@@ -145,8 +145,10 @@ def apply(model: torch.nn.Module, mode: str = "sdpa") -> dict:
             if sdpa_cls is not None:
                 module.__class__ = sdpa_cls
             else:
+                forward = type(module.rotary_emb).forward
+                module._vlmtune_rope_seq_len = "seq_len" in inspect.signature(forward).parameters
                 module.forward = types.MethodType(internlm2_sdpa_forward, module)
-                done["llm_own_forward"] = done.get("llm_own_forward", 0) + 1
+                done["llm_own_forward"] += 1
             done["llm"] += 1
         elif (
             cls.__name__ == "InternLM2Model"

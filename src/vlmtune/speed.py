@@ -48,11 +48,13 @@ optional ``torch.profiler`` window whose kernels are summed by category (``profi
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -185,20 +187,18 @@ def set_4bit_compute_dtype(model: torch.nn.Module, dtype: str) -> int:
 
 
 # ---------------------------------------------------------------- fused LoRA output
+_WARNED: set = set()  # fallback reasons already warned about (once per process)
+
+
 def _fallback(module: torch.nn.Module, why: str | None = None) -> None:
     """Count a call that took PEFT's own forward (the benchmark reads the count); warn once per
     process when a setting, not the call, keeps the lever from working (autocast, mixed dtypes)."""
     module.__dict__["_vlmtune_fallbacks"] = module.__dict__.get("_vlmtune_fallbacks", 0) + 1
     if why and why not in _WARNED:
         _WARNED.add(why)
-        import warnings
-
         warnings.warn(
             f"train.fused_lora has no effect here ({why}): PEFT's own LoRA forward runs", stacklevel=3
         )
-
-
-_WARNED: set = set()
 
 
 def fused_lora_forward(self, x, *args, **kwargs):
@@ -347,8 +347,6 @@ def share_rotary_embedding(model: torch.nn.Module) -> int:
     (32,768 for InternVL2-2B) stores a new ``inv_freq`` in itself only, so a later recompute by
     another layer's module could differ; training here stops at ``max_length`` (8,192 by default).
     Returns how many modules."""
-    import inspect
-
     caches: dict = {}
     n = 0
     for module in model.modules():

@@ -49,19 +49,8 @@ SETTINGS = (
     "log_interval",
     "seed",
     "max_iters",
-    "attention",
-    "gradient_checkpointing",
-    "group_by_exact_length",
-    "cuda_expandable_segments",
-    "iteration_log",
-    "label_only_head",
-    "qlora_compute_dtype",
-    "quantize_head",
-    "fused_elementwise",
-    "fused_lora",
-    "compile_layers",
-    "shared_rope",
     "pin_memory",
+    *LAUNCHER_LEVERS,  # the launcher's levers (attention, recompute, ...), rendered into the config
 )
 
 TEMPLATE = Template("""\
@@ -255,7 +244,6 @@ def iteration_plan(
 
 
 def world_size(train: dict) -> int:
-    # torchrun processes over all nodes: one per GPU or cpu_processes per node (both per node)
     """Training processes over all nodes: GPUs per node on CUDA, ``cpu_processes`` per node on CPU."""
     per_node = train["gpus"] if train["device"] == "cuda" else train.get("cpu_processes", 1)
     return per_node * train.get("nodes", 1)
