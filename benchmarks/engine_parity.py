@@ -125,6 +125,22 @@ def compare(a, b, reference) -> dict:
     )
 
 
+def save(out: Path, result: dict, logits: dict) -> None:
+    """Write what is measured so far (the comparisons of the logits at hand) to engine_parity.json."""
+    for image in (True, False):
+        kind = "image" if image else "text"
+        ref = logits.get(("hf_fp32", image))
+        if ref is None:
+            continue
+        result[f"compare_{kind}"] = {"hf_bf16_vs_hf_fp32": compare(logits[("hf_bf16", image)], ref, ref)}
+        if ("lmdeploy", image) in logits:
+            result[f"compare_{kind}"].update(
+                lmdeploy_vs_hf_fp32=compare(logits[("lmdeploy", image)], ref, ref),
+                lmdeploy_vs_hf_bf16=compare(logits[("lmdeploy", image)], logits[("hf_bf16", image)], ref),
+            )
+    (out / "engine_parity.json").write_text(json.dumps(result, indent=1))
+
+
 def lmdeploy_preprocess_seconds(model: Path, records: list[dict], folder: Path) -> float:
     """Seconds LMDeploy's InternVL preprocessing (tiling, resize, normalisation) takes for the
     records' images on one thread, as its single-worker executor runs it."""
@@ -203,7 +219,11 @@ def main(argv=None) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     records = read_eval(a.eval, a.records)
     gen = dict(max_new_tokens=a.max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
-    result: dict = dict(records=len(records), generation=gen, gpu=torch.cuda.get_device_name())
+    result: dict = dict(
+        records=len(records),
+        generation=gen,
+        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    )
     logits: dict = {}
 
     hf = TransformersEngine(a.model, gen)
@@ -227,28 +247,21 @@ def main(argv=None) -> None:
     gc.collect()
     torch.cuda.empty_cache()
 
+    save(a.out, result, logits)
     result["lmdeploy_preprocess_s"] = lmdeploy_preprocess_seconds(a.model, records, a.image_folder)
 
     result["lmdeploy"] = []
     try:
         for n, b in enumerate(int(x) for x in a.lmdeploy_batches.split(",")):
             lmdeploy_pass(a, b, n == 0, records, gen, result, logits)
+            save(a.out, result, logits)
     except Exception:  # keep what was measured
         import traceback
 
         result["lmdeploy_error"] = traceback.format_exc()
         print(result["lmdeploy_error"], flush=True)
 
-    for image in (True, False):
-        kind = "image" if image else "text"
-        ref = logits[("hf_fp32", image)]
-        result[f"compare_{kind}"] = {"hf_bf16_vs_hf_fp32": compare(logits[("hf_bf16", image)], ref, ref)}
-        if ("lmdeploy", image) in logits:
-            result[f"compare_{kind}"].update(
-                lmdeploy_vs_hf_fp32=compare(logits[("lmdeploy", image)], ref, ref),
-                lmdeploy_vs_hf_bf16=compare(logits[("lmdeploy", image)], logits[("hf_bf16", image)], ref),
-            )
-    (a.out / "engine_parity.json").write_text(json.dumps(result, indent=1))
+    save(a.out, result, logits)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("lmdeploy_prompt")}, indent=1))
 
 

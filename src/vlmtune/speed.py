@@ -36,10 +36,12 @@ the built model, never by editing XTuner's or the model's files.
 - ``fused_lora`` (``train.fused_lora``): PEFT's LoRA layers add the adapter's output in three
   element-wise passes over a tokens x out_features tensor (copy, scale, add); the lever adds it
   inside the up-projection's GEMM (``addmm_``) and scales the rank-wide tensor instead.
-- ``compile_layers`` (``train.compile_layers``): ``torch.compile`` of every decoder layer (CUDA only).
+- ``compile_layers`` (``train.compile_layers``): ``torch.compile`` of every decoder layer (CUDA
+  only; not with recompute or ZeRO-3, see :func:`compile_blocker`).
 - ``shared_rope`` (``train.shared_rope``): the rotary embedding's cos/sin computed by the first
   layer and reused by the others (one GPU-to-CPU sync per forward instead of one per layer in the
-  dynamic-NTK code).
+  dynamic-NTK code). Alone no faster; it is what lets ``compile_layers`` compile a layer as one
+  graph (the sync was a graph break in every layer).
 
 ``bench_hook_class()`` is the benchmark's iteration hook: the project's ``IterationLogHook`` plus
 the labelled-position count of each iteration (``labels.jsonl``, for the FLOP model) and an
@@ -369,8 +371,9 @@ def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
     """``torch.compile`` every decoder layer of the LLM in place (``nn.Module.compile``): at a
     micro-batch of a few thousand tokens the GPU idles while Python launches many small kernels
     (HF's layer code, PEFT's LoRA wrapper, bitsandbytes' 4-bit autograd function); a compiled
-    layer runs one graph with fused element-wise kernels. Measured on an H200: no faster
-    (benchmarks/RESULTS.md, round 2c), so it ships off. ``dynamic=True``: one graph
+    layer runs fewer, fused kernels. On an H200 (benchmarks/RESULTS.md, round 2d): no faster
+    alone, where the per-layer rotary sync of xtuner's InternLM2 code breaks each layer's graph;
+    with ``shared_rope`` 12.6 against 10.5 samples/s and 7.5 GiB less. ``dynamic=True``: one graph
     for every sequence length. Returns how many layers."""
     import torch._dynamo
 
@@ -380,6 +383,18 @@ def compile_decoder_layers(model: torch.nn.Module, dynamic: bool = True) -> int:
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return len(layers)
+
+
+def compile_blocker(language_model: torch.nn.Module, settings: dict) -> str | None:
+    """Why the decoder layers should not be compiled in this run, or None. Only the setting the
+    benchmark measured is compiled: no recompute (gradient checkpointing wraps each layer's call in
+    a checkpoint the compiled graph was not measured under) and no DeepSpeed ZeRO-3 (its
+    partitioned weights are gathered by hooks around each module call)."""
+    if settings.get("gradient_checkpointing"):
+        return "gradient checkpointing is on (not measured together; set compile_layers: false)"
+    if any(hasattr(p, "ds_id") for p in language_model.parameters()):
+        return "DeepSpeed ZeRO-3 partitions the weights (set compile_layers: false)"
+    return None
 
 
 # ---------------------------------------------------------------- apply all
@@ -401,7 +416,12 @@ def apply(xtuner_model, settings: dict) -> dict:
     if settings.get("shared_rope"):
         done["shared_rope_modules"] = share_rotary_embedding(xtuner_model.model.language_model)
     if settings.get("compile_layers") and torch.cuda.is_available():
-        done["compiled_layers"] = compile_decoder_layers(xtuner_model.model.language_model)
+        why_not = compile_blocker(xtuner_model.model.language_model, settings)
+        if why_not:
+            warnings.warn(f"compile_layers: decoder layers left uncompiled: {why_not}", stacklevel=2)
+            done["compiled_layers"] = 0
+        else:
+            done["compiled_layers"] = compile_decoder_layers(xtuner_model.model.language_model)
     return done
 
 
