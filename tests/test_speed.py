@@ -384,10 +384,22 @@ def test_schema_and_overlay_accept_the_keys():
     assert t["method"] == "qlora" and t["gradient_checkpointing"] is True
     assert t["label_only_head"] is True and t["qlora_compute_dtype"] == "bfloat16"
     assert t["quantize_head"] is False
+    assert t["compile_layers"] is False and t["shared_rope"] is True  # recompute: not compiled
+    default = validate_config(load(root / "config" / "config.yaml"))["train"]
+    assert default["compile_layers"] is True and default["shared_rope"] is True
+    assert default["gradient_checkpointing"] is False  # the setting compile_layers was measured in
     bad = load(root / "config" / "config.yaml")
     bad["train"]["qlora_compute_dtype"] = "float32"
     with pytest.raises(Exception, match="qlora_compute_dtype"):
         validate_config(bad)
+
+
+def test_compile_blocker_names_the_settings_it_was_not_measured_in():
+    lm = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert speed.compile_blocker(lm, dict(gradient_checkpointing=False)) is None
+    assert "gradient checkpointing" in speed.compile_blocker(lm, dict(gradient_checkpointing=True))
+    lm[0].weight.ds_id = 7  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    assert "ZeRO-3" in speed.compile_blocker(lm, dict(gradient_checkpointing=False))
 
 
 def test_profile_summary_shape():
