@@ -4,14 +4,20 @@ For the same held-out records and model folder it measures:
 
 - the first generated position's full logit vector from the transformers engine in bf16 (the
   evaluation engine), the same model in fp32 (the reference: how far bf16 alone moves the
-  logits), and LMDeploy's PyTorch engine (``output_logits='generation'``); with the image and, to
-  tell the vision path from the language model, the same questions without it;
+  logits), and LMDeploy's PyTorch engine (its top-20 log-probs over the full vocabulary:
+  ``logprobs_mode='raw_logprobs'``, without which 0.18's PyTorch engine returns none, and it
+  returns logits only for prompt scoring); with the image and, to tell the vision path from the
+  language model, the same questions without it;
 - per pair: argmax agreement by the fp32 reference's top-1/top-2 margin, the largest log-prob
-  difference over the vocabulary, and the correlation of the log-probs;
+  difference (over the vocabulary; over LMDeploy's top 20 for LMDeploy) and the correlation of
+  the log-probs there;
+- greedy outputs (``--max-new-tokens``): per record, where LMDeploy's tokens first differ from
+  the transformers engine's;
 - throughput with the evaluation's generation settings: the transformers engine after a
   one-batch warm-up, LMDeploy twice in a row on the same engine (first pass: with its kernels'
-  first-call compilation; second: warm), for each ``--lmdeploy-batches`` value;
-- LMDeploy's image preprocessing on one CPU thread (what its single-worker executor does).
+  first-call compilation; second: warm), for each ``--lmdeploy-runs`` setting of max_batch_size
+  and image-preprocessing threads;
+- LMDeploy's image preprocessing on one CPU thread (what its own single-worker executor does).
 
     PYTHONPATH=src python benchmarks/engine_parity.py --model M --eval eval.jsonl \
         --image-folder ds --records 64 --out results/parity
@@ -35,6 +41,7 @@ from vlmtune.prompt import user_text  # noqa: E402
 from vlmtune.transformers_engine import TransformersEngine  # noqa: E402
 
 MARGIN_BINS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, float("inf"))
+TOP_K = 20  # LMDeploy's log-probs per position compared with the full rows of the other two
 
 
 def hf_first_logits(engine: TransformersEngine, records: list[dict], folder: Path, image: bool, batch: int):
@@ -68,7 +75,9 @@ def hf_first_logits(engine: TransformersEngine, records: list[dict], folder: Pat
     return torch.cat(rows), lengths
 
 
-def lmdeploy_first_logits(runner, records: list[dict], folder: Path, image: bool):
+def lmdeploy_first_logprobs(runner, records: list[dict], folder: Path, image: bool):
+    """LMDeploy's top-20 log-probs of the first generated position: (token ids, log-probs), one
+    row each per record, best first; and the prompt lengths."""
     import torch
     from lmdeploy import GenerationConfig
     from PIL import Image
@@ -82,29 +91,37 @@ def lmdeploy_first_logits(runner, records: list[dict], folder: Path, image: bool
                 requests.append(messages(rec["question"], img.convert("RGB"), runner.tiling["max_tiles"]))
         else:
             requests.append([dict(role="user", content=user_text(rec["question"]))])
-    gen = GenerationConfig(max_new_tokens=1, do_sample=False, output_logits="generation", logprobs=20)
+    gen = GenerationConfig(max_new_tokens=1, do_sample=False, logprobs=TOP_K)
     responses = runner.pipe(requests, gen_config=gen)
-    rows = []
-    for r in responses:
-        if r.logits is not None:
-            rows.append(r.logits.reshape(-1, r.logits.shape[-1])[0].float().cpu())
-        else:  # top-20 log-probs only: argmax comparable, the rest of the row is a floor
-            print("[parity] LMDeploy returned no logits; using its top-20 log-probs", flush=True)
-            row = torch.full((runner.vocab_size,), -1e4)
-            for token, logprob in (r.logprobs or [{}])[0].items():
-                row[int(token)] = logprob
-            rows.append(row)
-    return torch.stack(rows), [r.input_token_len for r in responses]
+    ids, values = [], []
+    for n, r in enumerate(responses):
+        if not r.logprobs or len(r.logprobs[0]) < TOP_K:
+            raise SystemExit(
+                f"[parity] LMDeploy returned {len(r.logprobs[0]) if r.logprobs else 'no'} log-probs for "
+                f"record {n} (asked for {TOP_K}; is logprobs_mode set on its engine config?)"
+            )
+        best = sorted(r.logprobs[0].items(), key=lambda kv: -kv[1])[:TOP_K]
+        ids.append([int(t) for t, _ in best])
+        values.append([float(v) for _, v in best])
+    return (torch.tensor(ids), torch.tensor(values)), [r.input_token_len for r in responses]
 
 
 def compare(a, b, reference) -> dict:
-    """Agreement of ``a`` and ``b`` (logit rows) by the margin of ``reference``'s top-1."""
+    """Agreement of ``a`` and ``b`` by the margin of ``reference``'s top-1. ``b`` and
+    ``reference`` are full logit rows; ``a`` is one too, or LMDeploy's (token ids, log-probs) of
+    its top 20, best first: then the log-prob difference and correlation are taken at those ids."""
     import torch
 
     top2 = reference.topk(2, dim=-1).values
     margin = (top2[:, 0] - top2[:, 1]).tolist()
-    agree = (a.argmax(-1) == b.argmax(-1)).tolist()
-    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    lb = torch.log_softmax(b, -1)
+    if isinstance(a, tuple):
+        ids, la = a
+        lb = lb.gather(-1, ids)
+        agree = (ids[:, 0] == b.argmax(-1)).tolist()
+    else:
+        la = torch.log_softmax(a, -1)
+        agree = (a.argmax(-1) == b.argmax(-1)).tolist()
     diff = (la - lb).abs().max(-1).values.tolist()
     corr = [float(torch.corrcoef(torch.stack([x, y]))[0, 1]) for x, y in zip(la, lb)]
     bins = []
@@ -165,24 +182,43 @@ def lmdeploy_preprocess_seconds(model: Path, records: list[dict], folder: Path) 
     return round(time.perf_counter() - t, 2)
 
 
-def lmdeploy_pass(a, batch: int, first: bool, records, gen, result: dict, logits: dict) -> None:
-    """One LMDeploy engine at ``max_batch_size=batch``: two timed generation passes (the first
-    with the kernels' first-call compilation), then (``first``) the first-position logits."""
+def first_divergence(hf_rows: list[dict], lmd_rows: list[dict]) -> dict:
+    """Per record, the first position where LMDeploy's greedy tokens differ from the transformers
+    engine's (None: equal over the shorter of the two)."""
+    where = []
+    for h, m in zip(hf_rows, lmd_rows, strict=True):
+        x, y = h["completion_ids"], m["completion_ids"]
+        where.append(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None))
+    diverging = [w for w in where if w is not None]
+    return dict(
+        records=len(where),
+        identical=len(where) - len(diverging),
+        first_divergence=where,
+        first_divergence_median=statistics.median(diverging) if diverging else None,
+    )
+
+
+def lmdeploy_pass(a, batch: int, threads: int, first: bool, records, gen, result: dict, logits: dict):
+    """One LMDeploy engine at ``max_batch_size=batch`` preparing images on ``threads`` workers:
+    two timed generation passes (the first with the kernels' first-call compilation), then
+    (``first``) the first-position log-probs. Returns the warm pass's rows."""
     import torch
 
     from vlmtune.lmdeploy_engine import LMDeployEngine
 
     t = time.perf_counter()
-    runner = LMDeployEngine(a.model, gen, 8192, batch, "pytorch")
-    runner.vocab_size = logits[("hf_bf16", True)].shape[-1]
+    runner = LMDeployEngine(
+        a.model, gen, 8192, batch, "pytorch", preprocess_threads=threads, logprobs_mode="raw_logprobs"
+    )
     built = time.perf_counter() - t
     passes = []
     for _ in range(2):
         t = time.perf_counter()
-        runner.generate(records, a.image_folder)
+        rows = runner.generate(records, a.image_folder)
         passes.append(time.perf_counter() - t)
     row = dict(
         max_batch_size=batch,
+        preprocess_threads=threads,
         build_s=round(built, 1),
         first_pass_s=round(passes[0], 2),
         second_pass_s=round(passes[1], 2),
@@ -193,13 +229,14 @@ def lmdeploy_pass(a, batch: int, first: bool, records, gen, result: dict, logits
     print(f"[parity] lmdeploy {row}", flush=True)
     if first:
         for image in (True, False):
-            rows, lens = lmdeploy_first_logits(runner, records, a.image_folder, image)
-            logits[("lmdeploy", image)] = rows
+            top, lens = lmdeploy_first_logprobs(runner, records, a.image_folder, image)
+            logits[("lmdeploy", image)] = top
             result[f"lmdeploy_prompt_lengths_{'image' if image else 'text'}"] = lens
     runner.close()
     del runner
     gc.collect()
     torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None) -> None:
@@ -209,7 +246,11 @@ def main(argv=None) -> None:
     ap.add_argument("--image-folder", required=True, type=Path)
     ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lmdeploy-batches", default="16,64")
+    ap.add_argument(
+        "--lmdeploy-runs",
+        default="16:1,16:16,64:16",
+        help="LMDeploy engines to time, max_batch_size:preprocessing threads, comma-separated",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
@@ -232,8 +273,9 @@ def main(argv=None) -> None:
         result[f"hf_prompt_lengths_{'image' if image else 'text'}"] = lens
     hf.generate(records[: a.batch_size], a.image_folder)  # warm-up
     t = time.perf_counter()
+    hf_rows = []
     for i in range(0, len(records), a.batch_size):
-        hf.generate(records[i : i + a.batch_size], a.image_folder)
+        hf_rows += hf.generate(records[i : i + a.batch_size], a.image_folder)
     s = time.perf_counter() - t
     result["transformers"] = dict(
         batch=a.batch_size, seconds=round(s, 2), prompts_per_s=round(len(records) / s, 2)
@@ -252,8 +294,12 @@ def main(argv=None) -> None:
 
     result["lmdeploy"] = []
     try:
-        for n, b in enumerate(int(x) for x in a.lmdeploy_batches.split(",")):
-            lmdeploy_pass(a, b, n == 0, records, gen, result, logits)
+        for n, run in enumerate(a.lmdeploy_runs.split(",")):
+            batch, threads = (int(x) for x in run.split(":"))
+            rows = lmdeploy_pass(a, batch, threads, n == 0, records, gen, result, logits)
+            if n == 0:
+                result["greedy"] = first_divergence(hf_rows, rows)
+                print(f"[parity] greedy outputs {result['greedy']}", flush=True)
             save(a.out, result, logits)
     except Exception:  # keep what was measured
         import traceback

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # LMDeploy against the transformers engine on one GPU (benchmarks/engine_parity.py): first-position
 # logits of both engines and of an fp32 reference, with and without the image, and the throughput of
-# both engines (LMDeploy cold and warm, at several max_batch_size values), on held-out-style records
-# of a CLoT-shaped dataset and the exact-size InternVL2-2B with random weights.
+# both engines (LMDeploy cold and warm, at several max_batch_size values and image-preprocessing
+# thread counts), on held-out-style records of a CLoT-shaped dataset and the exact-size InternVL2-2B
+# with random weights.
 # Usage (GPU machine, repo root, wheels from benchmarks/gpu_wheels.sh in .whl/):
 #   OUT=/some/dir bash benchmarks/engine_parity.sh
 set -euo pipefail
@@ -33,5 +34,5 @@ with open(f"{w}/eval.jsonl", "w", encoding="utf-8") as fh:
 PY
 }
 python3 benchmarks/engine_parity.py --model "$W/base2b" --eval "$W/eval.jsonl" --image-folder "$W/ds" \
-  --records "$RECORDS" --lmdeploy-batches "${LMDEPLOY_BATCHES:-16,64}" --out "$OUT" 2>&1 | tee "$OUT/engine_parity.log" \
+  --records "$RECORDS" --lmdeploy-runs "${LMDEPLOY_RUNS:-16:1,16:16,64:16}" --out "$OUT" 2>&1 | tee "$OUT/engine_parity.log" \
   | grep -v "Warning\|warn(" | tail -150

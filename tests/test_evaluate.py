@@ -127,25 +127,57 @@ def test_bad_inputs_are_named(tmp_path, eval_file):
         evaluate.check_generation(dict(max_new_tokens=1, do_sample=False, temperature=1.0))
 
 
-class FakePromptProcessor:
-    """LMDeploy's own request-side code, as its engines call it: message parsing, InternVL
-    preprocessing (tiles), the chat template it was handed and its tokenizer."""
+class FakeImageEncoder:
+    """LMDeploy's image encoder as its request path uses it: InternVL's own preprocessing, run on
+    the encoder's single worker thread (``preprocess`` is what LMDeployEngine may re-route)."""
 
-    def __init__(self, model_path, template):
+    def __init__(self, model_path):
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
-        from lmdeploy import Tokenizer
         from lmdeploy.vl.model.internvl import InternVLVisionModel
 
-        self.vision = InternVLVisionModel(model_path, trust_remote_code=True)
-        self.vision.build_preprocessor()
-        self.vision.set_mm_feature_dtype(torch.float32)
+        self.model = InternVLVisionModel(model_path, trust_remote_code=True)
+        self.model.build_preprocessor()
+        self.model.set_mm_feature_dtype(torch.float32)
+        self._uses_new_preprocess = False
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdeploy-own")
+        self.threads_used = []
+        preprocess = self.model.preprocess
+
+        def recording(messages):
+            import threading
+
+            self.threads_used.append(threading.current_thread().name)
+            return preprocess(messages)
+
+        self.model.preprocess = recording
+
+    async def preprocess(self, messages, mm_processor_kwargs=None):
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.model.preprocess, messages
+        )
+
+
+class FakePromptProcessor:
+    """LMDeploy's own request-side code, as its engines call it: message parsing, InternVL
+    preprocessing (tiles) by the image encoder, the chat template it was handed and its tokenizer."""
+
+    def __init__(self, vl_encoder, template, model_path):
+        from lmdeploy import Tokenizer
+
+        self.vl_encoder = vl_encoder
         self.template, self.tokenizer = template, Tokenizer(model_path, trust_remote_code=True)
 
     async def get_prompt_input(self, prompt, do_preprocess=True, **kwargs):
         from lmdeploy.serve.processors.multimodal import MultimodalProcessor
 
-        parsed = self.vision.preprocess(await MultimodalProcessor.async_parse_multimodal_item(prompt))
-        return self.vision.to_pytorch(parsed, self.template, self.tokenizer)
+        parsed = await self.vl_encoder.preprocess(
+            await MultimodalProcessor.async_parse_multimodal_item(prompt)
+        )
+        return self.vl_encoder.model.to_pytorch(parsed, self.template, self.tokenizer)
 
 
 class FakePipeline:
@@ -163,8 +195,9 @@ class FakePipeline:
             trust_remote_code,
         )
         self.chat_template = chat_template_config.chat_template()
-        processor = FakePromptProcessor(model_path, self.chat_template)
-        self.async_engine = types.SimpleNamespace(prompt_processor=processor)
+        encoder = FakeImageEncoder(model_path)
+        processor = FakePromptProcessor(encoder, self.chat_template, model_path)
+        self.async_engine = types.SimpleNamespace(prompt_processor=processor, vl_encoder=encoder)
         FakePipeline.calls.append(self)
 
     def __call__(self, requests, gen_config=None):
@@ -254,3 +287,40 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
         "image_tokens"
     ] > 256
     assert "<IMG_CONTEXT>*256</img>" not in rows[1]["prompt"]
+    # One thread asked for: LMDeploy's own worker prepared the images.
+    assert set(pipe.async_engine.vl_encoder.threads_used) == {"lmdeploy-own_0"}
+
+
+def test_lmdeploy_engine_prepares_images_on_the_threads_asked_for_with_the_same_prompts(
+    monkeypatch, tiny_model, demo_dataset, eval_file, tmp_path
+):
+    import lmdeploy
+
+    monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
+    digests = {}
+    for threads in (1, 3):
+        out = tmp_path / f"p{threads}.jsonl"
+        evaluate.generate(
+            tiny_model, eval_file, demo_dataset, "lmdeploy", out, GEN, batch_size=2, threads=threads
+        )
+        digests[threads] = [json.loads(l)["prompt_ids_digest"] for l in out.read_text().splitlines()]
+        used = set(FakePipeline.calls[-1].async_engine.vl_encoder.threads_used)
+        assert used and all(
+            n.startswith("lmdeploy-preprocess" if threads > 1 else "lmdeploy-own") for n in used
+        )
+    assert digests[1] == digests[3] and len(digests[1]) == 2
+
+
+def test_lmdeploy_engine_names_a_pipeline_without_an_image_encoder(monkeypatch, tiny_model):
+    import lmdeploy
+
+    from vlmtune.lmdeploy_engine import LMDeployEngine, LMDeployError
+
+    class NoEncoderPipeline(FakePipeline):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            del self.async_engine.vl_encoder
+
+    monkeypatch.setattr(lmdeploy, "pipeline", NoEncoderPipeline)
+    with pytest.raises(LMDeployError, match="no image encoder.*cpus_per_task: 1"):
+        LMDeployEngine(tiny_model, GEN, 4096, 2, preprocess_threads=4)

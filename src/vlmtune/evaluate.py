@@ -59,8 +59,11 @@ def generate(
     session_len: int = 8192,
     max_records: int | None = None,
     lmdeploy_backend: str = "pytorch",
+    threads: int = 1,
 ) -> int:
     """Answer the held-out records with ``engine`` and write ``predictions.jsonl`` (atomically).
+
+    ``threads``: CPU workers LMDeploy prepares the images on (the job's cores).
 
     Prints the generation throughput (prompts/s, model loading excluded). Raises EvaluateError
     for a missing engine, image or record key.
@@ -78,7 +81,9 @@ def generate(
         from .lmdeploy_engine import LMDeployEngine, LMDeployError
 
         try:
-            runner = LMDeployEngine(model, gen, session_len, batch_size, lmdeploy_backend)
+            runner = LMDeployEngine(
+                model, gen, session_len, batch_size, lmdeploy_backend, preprocess_threads=threads
+            )
         except LMDeployError as exc:
             raise EvaluateError(str(exc)) from None
     else:
@@ -135,6 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--session-len", type=int, default=8192)
     ap.add_argument("--lmdeploy-backend", choices=LMDEPLOY_BACKENDS, default="pytorch")
+    ap.add_argument("--threads", type=int, default=1, help="CPU workers for LMDeploy's image preprocessing")
     a = ap.parse_args(argv)
     generation = json.loads(a.generation)
     try:
@@ -149,6 +155,7 @@ def main(argv=None) -> None:
             a.session_len,
             a.max_records,
             a.lmdeploy_backend,
+            a.threads,
         )
     except EvaluateError as exc:
         raise SystemExit(str(exc)) from None

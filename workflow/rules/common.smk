@@ -76,6 +76,10 @@ EVAL_RESOURCES = dict(
     mem_mb=EVAL["mem_mb"],
     runtime=EVAL["runtime"],
 )
+# LMDeploy prepares the images on the job's cores (Snakemake caps threads at --cores); the
+# transformers engine prepares them in its own process and keeps one, so that the CPU demo's
+# two evaluations can still run side by side.
+EVAL_THREADS = EVAL["cpus_per_task"] if EVAL["engine"] == "lmdeploy" else 1
 GENERATION = {
     k: EVAL[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 }

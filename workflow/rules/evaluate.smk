@@ -31,6 +31,7 @@ rule evaluate:
         max_records=EVAL_MAX_RECORDS,
     log:
         f"logs/{RUN}/evaluate_{{variant}}.log",
+    threads: EVAL_THREADS
     conda:
         (
             "../../envs/lmdeploy.yaml"
@@ -43,7 +44,7 @@ rule evaluate:
         "python_evaluate -m vlmtune.evaluate generate --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} --engine {params.engine} --lmdeploy-backend {params.lmdeploy_backend}"
         " --generation {params.generation:q} --batch-size {params.batch_size}"
-        " --session-len {params.session_len} {params.max_records} --out {output.predictions} > {log} 2>&1"
+        " --session-len {params.session_len} --threads {threads} {params.max_records} --out {output.predictions} > {log} 2>&1"
 
 
 rule reference_nll:
