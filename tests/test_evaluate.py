@@ -324,3 +324,43 @@ def test_lmdeploy_engine_names_a_pipeline_without_an_image_encoder(monkeypatch, 
     monkeypatch.setattr(lmdeploy, "pipeline", NoEncoderPipeline)
     with pytest.raises(LMDeployError, match="no image encoder.*cpus_per_task: 1"):
         LMDeployEngine(tiny_model, GEN, 4096, 2, preprocess_threads=4)
+
+
+def test_built_models_state_the_llm_s_untied_head_where_lmdeploy_reads_it(tiny_model):
+    from transformers import AutoConfig
+
+    from vlmtune.lmdeploy_engine import config_overrides
+
+    cfg = AutoConfig.from_pretrained(str(tiny_model), trust_remote_code=True)
+    assert cfg.tie_word_embeddings is False and cfg.llm_config.tie_word_embeddings is False
+    assert config_overrides(tiny_model) == {}
+
+
+def test_lmdeploy_engine_tells_lmdeploy_the_llm_s_head_when_the_chat_config_says_otherwise(
+    monkeypatch, tiny_model, tmp_path
+):
+    """Config code without InternVL's copy of the LLM's tie_word_embeddings, and a config.json
+    without the key (as this project's builder wrote them before), leave the chat config at
+    PretrainedConfig's default (tied): LMDeploy must be told the LLM's value."""
+    import shutil
+
+    import lmdeploy
+
+    from vlmtune.lmdeploy_engine import LMDeployEngine
+
+    folder = tmp_path / "merged-without-the-line"
+    shutil.copytree(tiny_model, folder)
+    code = folder / "configuration_internvl_chat.py"
+    text = code.read_text(encoding="utf-8")
+    line = "self.tie_word_embeddings = self.llm_config.tie_word_embeddings"
+    assert line in text
+    code.write_text(text.replace(line, "pass"), encoding="utf-8")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    del config["tie_word_embeddings"]
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
+    runner = LMDeployEngine(folder, GEN, 4096, 2)
+    assert runner.overrides == {"tie_word_embeddings": False}
+    assert FakePipeline.calls[-1].backend_config.hf_overrides == {"tie_word_embeddings": False}
+    LMDeployEngine(tiny_model, GEN, 4096, 2)
+    assert FakePipeline.calls[-1].backend_config.hf_overrides is None

@@ -11,6 +11,9 @@ identical to what XTuner trained on (docs/lmdeploy.md):
 - the tile settings are the model's ``config.json`` ones, which XTuner reads too, and the tile
   size LMDeploy uses (``vision_config.image_size``) must equal ``force_image_size``.
 
+And one keeps the model the same: LMDeploy decides whether the output head is the token
+embedding from the chat model's config, not the LLM's (:func:`config_overrides`).
+
 :class:`LMDeployEngine` records, per request, the prompt text and token ids that LMDeploy's
 engine really feeds its LLM (read where its request path builds them), so predictions can be
 compared token for token with the transformers engine and with training.
@@ -59,6 +62,23 @@ def tiling(model_dir: Path) -> dict:
             (cfg["force_image_size"] // vision["patch_size"]) ** 2 * cfg["downsample_ratio"] ** 2
         ),
     )
+
+
+def config_overrides(model_dir: Path) -> dict:
+    """Config fields LMDeploy must be told, as ``hf_overrides``, to build the model the folder holds.
+
+    LMDeploy's InternVL model ties its output head to the token embeddings when the *chat*
+    config's ``tie_word_embeddings`` is true, while the transformers code reads only the LLM's.
+    InternVL's own config code copies the LLM's value up; config code that does not leaves
+    PretrainedConfig's default (true), and LMDeploy then answers with another model's head.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
+    llm = getattr(cfg, "llm_config", None)
+    if llm is None or bool(cfg.tie_word_embeddings) == bool(llm.tie_word_embeddings):
+        return {}
+    return {"tie_word_embeddings": bool(llm.tie_word_embeddings)}
 
 
 def messages(question: str, image, max_tiles: int) -> list[dict]:
@@ -136,6 +156,9 @@ class LMDeployEngine:
                 f"evaluate: unknown LMDeploy back end {backend!r}; choose one of {', '.join(BACKENDS)}"
             )
         self.tiling = tiling(model_dir)
+        self.overrides = config_overrides(model_dir)
+        if self.overrides:
+            engine_options = dict(engine_options, hf_overrides=self.overrides)
         engine_config = (PytorchEngineConfig if backend == "pytorch" else TurbomindEngineConfig)(
             session_len=session_len, max_batch_size=batch_size, **engine_options
         )

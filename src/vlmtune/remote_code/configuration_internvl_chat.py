@@ -56,6 +56,10 @@ class InternVLChatConfig(PretrainedConfig):
         self.ps_version = ps_version
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
+        # As InternVL's published config does: the chat model ties its output head exactly when
+        # its LLM does (never, for InternVL2). Left at PretrainedConfig's default (True), LMDeploy
+        # reads it and replaces the output head by the token embeddings.
+        self.tie_word_embeddings = self.llm_config.tie_word_embeddings
 
     def to_dict(self):
         output = copy.deepcopy(self.__dict__)
