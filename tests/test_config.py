@@ -242,3 +242,41 @@ def test_shipped_config_equals_the_schema_defaults():
     same(filled, {k: v for k, v in shipped.items() if k not in ("model", "dataset")})
     same(filled["model"], shipped["model"], "model.")
     assert filled["train"]["lora"] == shipped["train"]["lora"]
+
+
+def test_evaluate_hands_each_engine_its_batch_and_threads(tmp_path):
+    """LMDeploy gets evaluate.lmdeploy_max_batch_size and the job's cpus_per_task as image
+    threads; the transformers engine gets evaluate.batch_size and one thread (dry runs)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    commands = {}
+    for engine in ("lmdeploy", "transformers"):
+        overlay = tmp_path / f"{engine}.yaml"
+        overlay.write_text(
+            f"evaluate: {{engine: {engine}, gpus: 1, batch_size: 5, lmdeploy_max_batch_size: 48, cpus_per_task: 6}}\n"
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "-n",
+                "-p",
+                "--cores",
+                "8",
+                "results/eval/demo/base/predictions.jsonl",
+                "--configfile",
+                "config/demo.yaml",
+                str(overlay),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        commands[engine] = next(l for l in proc.stdout.splitlines() if "vlmtune.evaluate generate" in l)
+    assert "--batch-size 48 " in commands["lmdeploy"] and "--threads 6 " in commands["lmdeploy"]
+    assert "--batch-size 5 " in commands["transformers"] and "--threads 1 " in commands["transformers"]

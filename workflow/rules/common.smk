@@ -80,6 +80,12 @@ EVAL_RESOURCES = dict(
 # transformers engine prepares them in its own process and keeps one, so that the CPU demo's
 # two evaluations can still run side by side.
 EVAL_THREADS = EVAL["cpus_per_task"] if EVAL["engine"] == "lmdeploy" else 1
+# --batch-size of vlmtune.evaluate: LMDeploy's max_batch_size, or the transformers engine's batch.
+EVAL_BATCH_SIZE = (
+    EVAL["lmdeploy_max_batch_size"]
+    if EVAL["engine"] == "lmdeploy"
+    else EVAL["batch_size"]
+)
 GENERATION = {
     k: EVAL[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 }

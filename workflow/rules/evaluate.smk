@@ -26,7 +26,7 @@ rule evaluate:
         engine=EVAL["engine"],
         lmdeploy_backend=EVAL["lmdeploy_backend"],
         generation=json.dumps(GENERATION, sort_keys=True),
-        batch_size=EVAL["batch_size"],
+        batch_size=EVAL_BATCH_SIZE,
         session_len=EVAL["session_len"],
         max_records=EVAL_MAX_RECORDS,
     log:
