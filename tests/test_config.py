@@ -3,6 +3,23 @@ import pytest
 from vlmtune.config import ConfigError, deep_merge, validate_config
 
 
+def dry_run(*args) -> str:
+    """Commands a Snakemake dry run (`-n -p`) of the repository's workflow prints; fails on error."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
 def test_shipped_configs_are_valid(configs):
     default, demo = configs
     validate_config(default)
@@ -68,12 +85,8 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
     """PyYAML (YAML 1.1) reads `lr: 1e-4` as the string '1e-4': validation makes it the number,
     in the config object itself, so Snakemake's rules see 0.0001; a non-number string still fails."""
     import re
-    import subprocess
-    import sys
 
     import yaml
-
-    from conftest import ROOT
 
     overlay = yaml.safe_load("train:\n  lr: 1e-4\n  betas: [0.9, 1e-1]\n  warmup_ratio: 3e-2\n")
     assert overlay["train"]["lr"] == "1e-4"
@@ -95,24 +108,10 @@ def test_a_yaml_1_1_exponent_is_the_number_it_reads_as(configs, tmp_path):
     plans = []
     for text in ("1e-4", "1.0e-4"):
         (tmp_path / "lr.yaml").write_text(f"train:\n  lr: {text}\n")
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snakemake",
-                "-n",
-                "-p",
-                "results/xtuner/demo/plan.json",
-                "--configfile",
-                "config/demo.yaml",
-                str(tmp_path / "lr.yaml"),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        stdout = dry_run(
+            "results/xtuner/demo/plan.json", "--configfile", "config/demo.yaml", tmp_path / "lr.yaml"
         )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        plans.append(re.search(r"--train-settings (.*?) --out", proc.stdout).group(1))
+        plans.append(re.search(r"--train-settings (.*?) --out", stdout).group(1))
     assert '"lr": 0.0001' in plans[0] and plans[0] == plans[1]
 
 
@@ -136,31 +135,12 @@ def test_label_only_head_is_refused_over_a_4bit_head(configs):
 
 def test_extraction_limits_reach_the_fetch_step(tmp_path):
     """extraction.max_bytes / max_ratio are handed to `vlmtune.fetch dataset` (dry run)."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
 
     (tmp_path / "x.yaml").write_text("extraction: {max_bytes: 12345, max_ratio: 7.5}\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "-p",
-            "-F",
-            "data/datasets/CLoT-Oogiri-GO-demo",
-            "--configfile",
-            "config/demo.yaml",
-            str(tmp_path / "x.yaml"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    stdout = dry_run(
+        "-F", "data/datasets/CLoT-Oogiri-GO-demo", "--configfile", "config/demo.yaml", tmp_path / "x.yaml"
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "--max-extract-bytes 12345 --max-extract-ratio 7.5" in proc.stdout
+    assert "--max-extract-bytes 12345 --max-extract-ratio 7.5" in stdout
 
 
 # --- schema defaults: the one source of every default (issue 17) ---------------------------------
@@ -247,36 +227,22 @@ def test_shipped_config_equals_the_schema_defaults():
 def test_evaluate_hands_each_engine_its_batch_and_threads(tmp_path):
     """LMDeploy gets evaluate.lmdeploy_max_batch_size and the job's cpus_per_task as image
     threads; the transformers engine gets evaluate.batch_size and one thread (dry runs)."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
 
     commands = {}
     for engine in ("lmdeploy", "transformers"):
         overlay = tmp_path / f"{engine}.yaml"
         overlay.write_text(
-            f"evaluate: {{engine: {engine}, gpus: 1, batch_size: 5, lmdeploy_max_batch_size: 48, cpus_per_task: 6}}\n"
+            f"evaluate: {{engine: {engine}, gpus: 1, batch_size: 5, lmdeploy_max_batch_size: 48, "
+            "cpus_per_task: 6}\n"
         )
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snakemake",
-                "-n",
-                "-p",
-                "--cores",
-                "8",
-                "results/eval/demo/base/predictions.jsonl",
-                "--configfile",
-                "config/demo.yaml",
-                str(overlay),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        stdout = dry_run(
+            "--cores",
+            8,
+            "results/eval/demo/base/predictions.jsonl",
+            "--configfile",
+            "config/demo.yaml",
+            overlay,
         )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        commands[engine] = next(l for l in proc.stdout.splitlines() if "vlmtune.evaluate generate" in l)
+        commands[engine] = next(l for l in stdout.splitlines() if "vlmtune.evaluate generate" in l)
     assert "--batch-size 48 " in commands["lmdeploy"] and "--threads 6 " in commands["lmdeploy"]
     assert "--batch-size 5 " in commands["transformers"] and "--threads 1 " in commands["transformers"]
