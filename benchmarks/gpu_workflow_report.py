@@ -5,7 +5,7 @@ and transformers engines on the same held-out records:
 - prompt token ids: LMDeploy's (as its engine built them) against the transformers engine's and
   against XTuner's training dataset code for the same record (digests of the id sequences);
 - greedy outputs: first generated token on the records where the transformers engine's top-1
-  logit leads the runner-up by at least --margin; whole-output agreement and, for each record
+  logit leads the runner-up by at least each of --margins; whole-output agreement and, for each record
   whose outputs differ, the first position where they do;
 - prompts/s of each engine (generation only, model loading excluded) and their ratio.
 
@@ -120,7 +120,12 @@ def main(argv=None) -> None:
     ap.add_argument("--transformers-log", required=True, type=Path)
     ap.add_argument("--gpu-memory", required=True, type=Path)
     ap.add_argument("--versions", type=Path)
-    ap.add_argument("--margin", type=float, default=1.0, help="clear-margin threshold (logits)")
+    ap.add_argument(
+        "--margins",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.05, 0.1, 0.25, 1.0],
+        help="clear-margin thresholds (logits), comma-separated",
+    )
     ap.add_argument("--out", required=True, type=Path)
     a = ap.parse_args(argv)
     lines = []
@@ -157,15 +162,18 @@ def main(argv=None) -> None:
         f"engine on {same_tf}/{len(ids)}; LMDeploy = XTuner's training dataset on {same_train}/{len(ids)}; "
         f"image tiles per record {tiles[0]}-{tiles[-1]} (256 tokens each)."
     )
-    clear = [
-        i for i in ids if tf[i]["first_token_margin"] is not None and tf[i]["first_token_margin"] >= a.margin
-    ]
-    agree = [i for i in clear if lmd[i]["completion_ids"][:1] == tf[i]["completion_ids"][:1]]
+    first_same = {i: lmd[i]["completion_ids"][:1] == tf[i]["completion_ids"][:1] for i in ids}
+    by_margin = []
+    for margin in a.margins:
+        clear = [i for i in ids if (tf[i]["first_token_margin"] or 0.0) >= margin]
+        agreed = sum(first_same[i] for i in clear)
+        share = f"{100 * agreed / len(clear):.1f} %" if clear else "no such record"
+        by_margin.append(f"margin >= {margin}: {agreed}/{len(clear)} ({share})")
     say(
-        f"First generated token: {len(agree)}/{len(clear)} agree on the records whose transformers top-1 "
-        "logit leads "
-        f"by >= {a.margin} ({100 * len(agree) / max(len(clear), 1):.1f} %); over all {len(ids)} records "
-        f"{sum(lmd[i]['completion_ids'][:1] == tf[i]['completion_ids'][:1] for i in ids)}."
+        "First generated token, by the transformers engine's top-1/top-2 logit margin: "
+        f"{'; '.join(by_margin)}; "
+        f"over all {len(ids)} records {sum(first_same.values())}; the records that differ have margins "
+        f"{sorted(tf[i]['first_token_margin'] for i in ids if not first_same[i])}."
     )
     # the transformers engine keeps its stop token; LMDeploy's ids may not: compare without them
     stopped = [tf[i]["completion_ids"] for i in ids if tf[i]["finish_reason"] == "stop"]
