@@ -200,6 +200,9 @@ class FakePipeline:
         self.async_engine = types.SimpleNamespace(prompt_processor=processor, vl_encoder=encoder)
         FakePipeline.calls.append(self)
 
+    def close(self):
+        self.closed = True
+
     def __call__(self, requests, gen_config=None):
         import asyncio
 
@@ -324,6 +327,7 @@ def test_lmdeploy_engine_names_a_pipeline_without_an_image_encoder(monkeypatch, 
     monkeypatch.setattr(lmdeploy, "pipeline", NoEncoderPipeline)
     with pytest.raises(LMDeployError, match="no image encoder.*cpus_per_task: 1"):
         LMDeployEngine(tiny_model, GEN, 4096, 2, preprocess_threads=4)
+    assert FakePipeline.calls[-1].closed  # the engine (its GPU memory) is released
 
 
 def test_built_models_state_the_llm_s_untied_head_where_lmdeploy_reads_it(tiny_model):

@@ -188,18 +188,19 @@ class LMDeployEngine:
         self._pool = None
         if preprocess_threads > 1:
             self._pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="lmdeploy-preprocess")
-            self._parallel_preprocessing(self._pool)
+            self._parallel_preprocessing(self._pool, preprocess_threads)
 
-    def _parallel_preprocessing(self, pool: ThreadPoolExecutor) -> None:
+    def _parallel_preprocessing(self, pool: ThreadPoolExecutor, threads: int) -> None:
         """Run the image encoder's CPU preprocessing on ``pool``. Only that step: LMDeploy's own
         single worker keeps running the vision forward (TurboMind back end), which must not run
         on two threads at once. Each request's images are prepared independently (InternVL's
         tiling is a pure function of the image and the tile settings)."""
         encoder = getattr(self.pipe.async_engine, "vl_encoder", None)
         if encoder is None or not hasattr(encoder, "preprocess") or not hasattr(encoder, "model"):
+            self.close()  # the engine holds the GPU's memory
             raise LMDeployError(
                 "evaluate: LMDeploy's pipeline has no image encoder to run preprocessing on "
-                f"{pool._max_workers} threads (its layout changed?); set evaluate.cpus_per_task: 1"
+                f"{threads} threads (its layout changed?); set evaluate.cpus_per_task: 1"
             )
         model = encoder.model
 
