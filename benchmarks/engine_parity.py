@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from gpu_workflow_report import greedy_divergence  # noqa: E402  (this script's folder)
+
 from vlmtune.heldout import read_eval  # noqa: E402
 from vlmtune.prompt import user_text  # noqa: E402
 from vlmtune.transformers_engine import TransformersEngine  # noqa: E402
@@ -182,13 +184,10 @@ def lmdeploy_preprocess_seconds(model: Path, records: list[dict], folder: Path) 
     return round(time.perf_counter() - t, 2)
 
 
-def first_divergence(hf_rows: list[dict], lmd_rows: list[dict]) -> dict:
+def greedy_summary(hf_rows: list[dict], lmd_rows: list[dict]) -> dict:
     """Per record, the first position where LMDeploy's greedy tokens differ from the transformers
-    engine's (None: equal over the shorter of the two)."""
-    where = []
-    for h, m in zip(hf_rows, lmd_rows, strict=True):
-        x, y = h["completion_ids"], m["completion_ids"]
-        where.append(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None))
+    engine's (None: identical; gpu_workflow_report's comparison, stop tokens left out)."""
+    where = greedy_divergence(hf_rows, lmd_rows)
     diverging = [w for w in where if w is not None]
     return dict(
         records=len(where),
@@ -298,7 +297,7 @@ def main(argv=None) -> None:
             batch, threads = (int(x) for x in run.split(":"))
             rows = lmdeploy_pass(a, batch, threads, n == 0, records, gen, result, logits)
             if n == 0:
-                result["greedy"] = first_divergence(hf_rows, rows)
+                result["greedy"] = greedy_summary(hf_rows, rows)
                 print(f"[parity] greedy outputs {result['greedy']}", flush=True)
             save(a.out, result, logits)
     except Exception:  # keep what was measured

@@ -113,6 +113,24 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def greedy_divergence(transformers_rows: list[dict], other_rows: list[dict]) -> list[int | None]:
+    """Per record (same order), the first token position where another engine's greedy output
+    departs from the transformers engine's (None: identical). The transformers engine keeps its
+    stop token and LMDeploy's ids may not: the stop tokens are left out of both."""
+    stops = {
+        r["completion_ids"][-1]
+        for r in transformers_rows
+        if r["finish_reason"] == "stop" and r["completion_ids"]
+    }
+    return [
+        first_divergence(
+            [t for t in o["completion_ids"] if t not in stops],
+            [t for t in h["completion_ids"] if t not in stops],
+        )
+        for h, o in zip(transformers_rows, other_rows, strict=True)
+    ]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, type=Path)
@@ -175,16 +193,8 @@ def main(argv=None) -> None:
         f"over all {len(ids)} records {sum(first_same.values())}; the records that differ have margins "
         f"{sorted(tf[i]['first_token_margin'] for i in ids if not first_same[i])}."
     )
-    # the transformers engine keeps its stop token; LMDeploy's ids may not: compare without them
-    stopped = [tf[i]["completion_ids"] for i in ids if tf[i]["finish_reason"] == "stop"]
-    stops = {ids_[-1] for ids_ in stopped if ids_}
-    diverge = []
-    for i in ids:
-        x = [t for t in lmd[i]["completion_ids"] if t not in stops]
-        y = [t for t in tf[i]["completion_ids"] if t not in stops]
-        k = first_divergence(x, y)
-        if k is not None:
-            diverge.append((i, k, tf[i]["first_token_margin"]))
+    where = greedy_divergence([tf[i] for i in ids], [lmd[i] for i in ids])
+    diverge = [(i, k, tf[i]["first_token_margin"]) for i, k in zip(ids, where) if k is not None]
     say(
         f"Whole greedy output identical on {len(ids) - len(diverge)}/{len(ids)} records; first divergence "
         "(record: token position, transformers first-token margin): "
