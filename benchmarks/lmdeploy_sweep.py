@@ -1,0 +1,181 @@
+"""Where LMDeploy's evaluation time goes, and which engine settings move it (one GPU).
+
+Each ``--run`` builds one ``vlmtune.lmdeploy_engine.LMDeployEngine`` (PyTorch back end) with the
+given settings and times two passes over the same records (the first with the kernels' first-call
+work, the second warm); with ``prefill_only`` it also times a warm pass with one new token (image
+preprocessing, vision encoder and prefill, no decoding); with ``profile`` it sums the GPU kernel
+time of the warm pass (torch.profiler) to tell GPU work from waiting. ``--transformers`` batch sizes
+time the transformers engine on the same records (after a one-batch warm-up) for the ratio.
+
+    PYTHONPATH=src python benchmarks/lmdeploy_sweep.py --model M --eval eval.jsonl \
+        --image-folder ds --out results/sweep \
+        --run batch=64,threads=16,records=64,profile=1 \
+        --run batch=128,threads=16,records=256,max_prefill_token_num=32768
+
+Settings of a run: ``batch`` (max_batch_size), ``threads`` (image preprocessing workers),
+``records``, ``max_new_tokens``, ``prefill_only``, ``profile``; any other key is passed to
+LMDeploy's ``PytorchEngineConfig`` (``max_prefill_token_num``, ``prefill_interval``,
+``eager_mode``, ``cache_max_entry_count``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vlmtune.heldout import read_eval  # noqa: E402
+
+OWN_KEYS = {"batch", "threads", "records", "max_new_tokens", "prefill_only", "profile"}
+
+
+def parse_run(text: str) -> dict:
+    """``key=value,...`` with ints, floats and booleans (0/1 for the flags) read as such."""
+    run = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"[sweep] {item!r} in --run {text!r} is not key=value")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        if value in ("true", "false"):
+            value = value == "true"
+        run[key.strip()] = value
+    return run
+
+
+def gen_settings(max_new_tokens: int) -> dict:
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def kernel_seconds(fn, *args) -> tuple[float, float]:
+    """Wall seconds of ``fn(*args)`` and the summed GPU kernel time within it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn(*args)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    return wall, busy
+
+
+def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
+    import torch
+    from lmdeploy import GenerationConfig
+
+    from vlmtune.lmdeploy_engine import LMDeployEngine
+
+    records = eval_records[: int(run.get("records", 64))]
+    if len(records) < int(run.get("records", 64)):
+        raise SystemExit(f"[sweep] {a.eval} holds {len(records)} records, fewer than {run['records']}")
+    options = {k: v for k, v in run.items() if k not in OWN_KEYS}
+    gen = gen_settings(int(run.get("max_new_tokens", 128)))
+    t, runner = timed(
+        lambda: LMDeployEngine(
+            a.model,
+            gen,
+            8192,
+            int(run.get("batch", 64)),
+            "pytorch",
+            preprocess_threads=int(run.get("threads", 1)),
+            **options,
+        )
+    )
+    row = dict(run, records=len(records), build_s=round(t, 1))
+    passes = [timed(runner.generate, records, a.image_folder) for _ in range(2)]
+    outputs = passes[1][1]
+    row.update(
+        first_pass_s=round(passes[0][0], 2),
+        warm_pass_s=round(passes[1][0], 2),
+        prompts_per_s_warm=round(len(records) / passes[1][0], 2),
+        prompt_tokens=sum(r["prompt_tokens"] for r in outputs),
+        completion_tokens=sum(r["completion_tokens"] for r in outputs),
+    )
+    if run.get("profile"):
+        wall, busy = kernel_seconds(runner.generate, records, a.image_folder)
+        row.update(profiled_pass_s=round(wall, 2), gpu_kernel_s=round(busy, 2))
+    if run.get("prefill_only"):
+        full = runner.gen_config
+        runner.gen_config = GenerationConfig(max_new_tokens=1, do_sample=False)
+        runner.generate(records, a.image_folder)  # the one-token shape's first call
+        row["prefill_only_pass_s"] = round(timed(runner.generate, records, a.image_folder)[0], 2)
+        runner.gen_config = full
+    runner.close()
+    del runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def transformers_run(a, batch: int, records: list[dict]) -> dict:
+    import torch
+
+    from vlmtune.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(a.model, gen_settings(128))
+    engine.generate(records[:batch], a.image_folder)  # warm-up
+    t = time.perf_counter()
+    for i in range(0, len(records), batch):
+        engine.generate(records[i : i + batch], a.image_folder)
+    s = time.perf_counter() - t
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(
+        engine="transformers",
+        batch=batch,
+        records=len(records),
+        seconds=round(s, 2),
+        prompts_per_s=round(len(records) / s, 2),
+    )
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--eval", required=True, type=Path)
+    ap.add_argument("--image-folder", required=True, type=Path)
+    ap.add_argument("--run", action="append", default=[], type=parse_run, help="key=value,... (see above)")
+    ap.add_argument("--transformers", default="", help="batch sizes, comma-separated")
+    ap.add_argument("--transformers-records", type=int, default=64)
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    records = read_eval(a.eval, max(int(r.get("records", 64)) for r in a.run + [{}]))
+    rows = []
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        print(f"[sweep] {json.dumps(row)}", flush=True)
+        (a.out / "lmdeploy_sweep.json").write_text(json.dumps(rows, indent=1))
+
+    for batch in filter(None, a.transformers.split(",")):
+        keep(transformers_run(a, int(batch), records[: a.transformers_records]))
+    for run in a.run:
+        try:
+            keep(dict(engine="lmdeploy", **lmdeploy_run(a, run, records)))
+        except Exception as e:  # keep the other runs' figures
+            keep(dict(engine="lmdeploy", run=run, error=f"{type(e).__name__}: {e}"))
+
+
+if __name__ == "__main__":
+    main()
