@@ -13,6 +13,7 @@ time the transformers engine on the same records (after a one-batch warm-up) for
         --run batch=128,threads=16,records=256,max_prefill_token_num=32768
 
 Settings of a run: ``batch`` (max_batch_size), ``threads`` (image preprocessing workers),
+``processes`` (1: those workers are processes),
 ``records``, ``max_new_tokens``, ``prefill_only``, ``profile``; any other key is passed to
 LMDeploy's ``PytorchEngineConfig`` (``max_prefill_token_num``, ``prefill_interval``,
 ``eager_mode``, ``cache_max_entry_count``, ...).
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vlmtune.heldout import read_eval  # noqa: E402
 
-OWN_KEYS = {"batch", "threads", "records", "max_new_tokens", "prefill_only", "profile"}
+OWN_KEYS = {"batch", "threads", "processes", "records", "max_new_tokens", "prefill_only", "profile"}
 
 
 def parse_run(text: str) -> dict:
@@ -97,6 +98,7 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
             int(run.get("batch", 64)),
             "pytorch",
             preprocess_threads=int(run.get("threads", 1)),
+            preprocess_processes=bool(run.get("processes", 0)),
             **options,
         )
     )
