@@ -1,11 +1,12 @@
 """Where LMDeploy's evaluation time goes, and which engine settings move it (one GPU).
 
 Each ``--run`` builds one ``vlmtune.lmdeploy_engine.LMDeployEngine`` (PyTorch back end) with the
-given settings and times two passes over the same records (the first with the kernels' first-call
-work, the second warm); with ``prefill_only`` it also times a warm pass with one new token (image
-preprocessing, vision encoder and prefill, no decoding); with ``profile`` it sums the GPU kernel
-time of the warm pass (torch.profiler) to tell GPU work from waiting. ``--transformers`` batch sizes
-time the transformers engine on the same records (after a one-batch warm-up) for the ratio.
+given settings and times passes over the same records: the first (with the kernels' first-call
+work), then ``repeats`` warm ones (median reported); with ``prefill_only`` it also times a warm
+pass with one new token (image preprocessing, vision encoder and prefill, no decoding); with
+``profile`` it sums the GPU kernel time of a warm pass (torch.profiler) to tell GPU work from
+waiting. ``--transformers`` batch sizes time the transformers engine on the same records (after
+a one-batch warm-up) for the ratio.
 
     PYTHONPATH=src python benchmarks/lmdeploy_sweep.py --model M --eval eval.jsonl \
         --image-folder ds --out results/sweep \
@@ -13,7 +14,7 @@ time the transformers engine on the same records (after a one-batch warm-up) for
         --run batch=128,threads=16,records=256,max_prefill_token_num=32768
 
 Settings of a run: ``batch`` (max_batch_size), ``threads`` (image preprocessing workers),
-``processes`` (1: those workers are processes),
+``processes`` (1: those workers are processes), ``repeats`` (warm passes, default 1),
 ``records``, ``max_new_tokens``, ``prefill_only``, ``profile``; any other key is passed to
 LMDeploy's ``PytorchEngineConfig`` (``max_prefill_token_num``, ``prefill_interval``,
 ``eager_mode``, ``cache_max_entry_count``, ...).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +35,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from vlmtune.heldout import read_eval  # noqa: E402
 
-OWN_KEYS = {"batch", "threads", "processes", "records", "max_new_tokens", "prefill_only", "profile"}
+OWN_KEYS = {
+    "batch",
+    "threads",
+    "processes",
+    "records",
+    "repeats",
+    "max_new_tokens",
+    "prefill_only",
+    "profile",
+}
 
 
 def parse_run(text: str) -> dict:
@@ -103,12 +114,14 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
         )
     )
     row = dict(run, records=len(records), build_s=round(t, 1))
-    passes = [timed(runner.generate, records, a.image_folder) for _ in range(2)]
+    passes = [timed(runner.generate, records, a.image_folder) for _ in range(1 + int(run.get("repeats", 1)))]
     outputs = passes[1][1]
+    warm = statistics.median(s for s, _ in passes[1:])
     row.update(
         first_pass_s=round(passes[0][0], 2),
-        warm_pass_s=round(passes[1][0], 2),
-        prompts_per_s_warm=round(len(records) / passes[1][0], 2),
+        warm_passes_s=[round(s, 2) for s, _ in passes[1:]],
+        warm_pass_s=round(warm, 2),
+        prompts_per_s_warm=round(len(records) / warm, 2),
         prompt_tokens=sum(r["prompt_tokens"] for r in outputs),
         completion_tokens=sum(r["completion_tokens"] for r in outputs),
     )
