@@ -183,13 +183,13 @@ def main(argv=None) -> None:
         print(f"[sweep] {json.dumps(row)}", flush=True)
         (a.out / "lmdeploy_sweep.json").write_text(json.dumps(rows, indent=1))
 
-    for batch in filter(None, a.transformers.split(",")):
-        keep(transformers_run(a, int(batch), records[: a.transformers_records]))
     for run in a.run:
         try:
             keep(dict(engine="lmdeploy", **lmdeploy_run(a, run, records)))
         except Exception as e:  # keep the other runs' figures
             keep(dict(engine="lmdeploy", run=run, error=f"{type(e).__name__}: {e}"))
+    for batch in filter(None, a.transformers.split(",")):
+        keep(transformers_run(a, int(batch), records[: a.transformers_records]))
 
 
 if __name__ == "__main__":
