@@ -17,7 +17,6 @@ SCHEMA = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").r
 CASES = [
     ("evaluate", ["generate"], "--engine", "evaluate.engine"),
     ("evaluate", ["generate"], "--lmdeploy-backend", "evaluate.lmdeploy_backend"),
-    ("evaluate", ["generate"], "--lmdeploy-preprocess", "evaluate.lmdeploy_preprocess"),
     ("convert", [], "--on-bad-record", "conversion.on_bad_record"),
     ("convert", [], "--output-format", "conversion.output_format"),
     ("fetch", ["model"], "--source", "model.source"),

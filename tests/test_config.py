@@ -245,5 +245,4 @@ def test_evaluate_hands_each_engine_its_batch_and_threads(tmp_path):
         )
         commands[engine] = next(l for l in stdout.splitlines() if "vlmtune.evaluate generate" in l)
     assert "--batch-size 48 " in commands["lmdeploy"] and "--threads 6 " in commands["lmdeploy"]
-    assert "--lmdeploy-preprocess threads " in commands["lmdeploy"]
     assert "--batch-size 5 " in commands["transformers"] and "--threads 1 " in commands["transformers"]

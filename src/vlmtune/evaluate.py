@@ -37,7 +37,6 @@ from .transformers_engine import (  # noqa: F401 (evaluate.TransformersEngine, a
 # holds them equal; this module runs in the LMDeploy env, which does not read the schema).
 ENGINES = ("lmdeploy", "transformers")
 LMDEPLOY_BACKENDS = ("pytorch", "turbomind")
-LMDEPLOY_PREPROCESS = ("threads", "processes")
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 
 
@@ -61,12 +60,10 @@ def generate(
     max_records: int | None = None,
     lmdeploy_backend: str = "pytorch",
     threads: int = 1,
-    lmdeploy_preprocess: str = "threads",
 ) -> int:
     """Answer the held-out records with ``engine`` and write ``predictions.jsonl`` (atomically).
 
-    ``threads``: CPU workers LMDeploy prepares the images on (the job's cores), as
-    ``lmdeploy_preprocess`` (``processes`` or ``threads``).
+    ``threads``: CPU workers LMDeploy prepares the images on (the job's cores).
 
     Prints the generation throughput (prompts/s, model loading excluded). Raises EvaluateError
     for a missing engine, image or record key.
@@ -85,13 +82,7 @@ def generate(
 
         try:
             runner = LMDeployEngine(
-                model,
-                gen,
-                session_len,
-                batch_size,
-                lmdeploy_backend,
-                preprocess_threads=threads,
-                preprocess_processes=lmdeploy_preprocess == "processes",
+                model, gen, session_len, batch_size, lmdeploy_backend, preprocess_threads=threads
             )
         except LMDeployError as exc:
             raise EvaluateError(str(exc)) from None
@@ -150,7 +141,6 @@ def main(argv=None) -> None:
     ap.add_argument("--session-len", type=int, default=8192)
     ap.add_argument("--lmdeploy-backend", choices=LMDEPLOY_BACKENDS, default="pytorch")
     ap.add_argument("--threads", type=int, default=1, help="CPU workers for LMDeploy's image preprocessing")
-    ap.add_argument("--lmdeploy-preprocess", choices=LMDEPLOY_PREPROCESS, default="threads")
     a = ap.parse_args(argv)
     generation = json.loads(a.generation)
     try:
@@ -166,7 +156,6 @@ def main(argv=None) -> None:
             a.max_records,
             a.lmdeploy_backend,
             a.threads,
-            a.lmdeploy_preprocess,
         )
     except EvaluateError as exc:
         raise SystemExit(str(exc)) from None

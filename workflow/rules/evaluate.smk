@@ -25,7 +25,6 @@ rule evaluate:
         code=code_hash("evaluate"),
         engine=EVAL["engine"],
         lmdeploy_backend=EVAL["lmdeploy_backend"],
-        lmdeploy_preprocess=EVAL["lmdeploy_preprocess"],
         generation=json.dumps(GENERATION, sort_keys=True),
         batch_size=EVAL_BATCH_SIZE,
         session_len=EVAL["session_len"],
@@ -44,7 +43,6 @@ rule evaluate:
     shell:
         "python_evaluate -m vlmtune.evaluate generate --model {input.model} --eval {input.eval}"
         " --image-folder {input.images} --engine {params.engine} --lmdeploy-backend {params.lmdeploy_backend}"
-        " --lmdeploy-preprocess {params.lmdeploy_preprocess}"
         " --generation {params.generation:q} --batch-size {params.batch_size}"
         " --session-len {params.session_len} --threads {threads} {params.max_records} --out {output.predictions} > {log} 2>&1"
 
