@@ -14,8 +14,8 @@ a one-batch warm-up) for the ratio.
         --run batch=128,threads=16,records=256,max_prefill_token_num=32768
 
 Settings of a run: ``batch`` (max_batch_size), ``threads`` (image preprocessing workers),
-``processes`` (1: those workers are processes), ``repeats`` (warm passes, default 1),
-``records``, ``max_new_tokens``, ``prefill_only``, ``profile``; any other key is passed to
+``repeats`` (warm passes, default 1), ``records``, ``max_new_tokens``, ``prefill_only``,
+``profile``; any other key is passed to
 LMDeploy's ``PytorchEngineConfig`` (``max_prefill_token_num``, ``prefill_interval``,
 ``eager_mode``, ``cache_max_entry_count``, ...).
 """
@@ -38,7 +38,6 @@ from vlmtune.heldout import read_eval  # noqa: E402
 OWN_KEYS = {
     "batch",
     "threads",
-    "processes",
     "records",
     "repeats",
     "max_new_tokens",
@@ -109,7 +108,6 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
             int(run.get("batch", 64)),
             "pytorch",
             preprocess_threads=int(run.get("threads", 1)),
-            preprocess_processes=bool(run.get("processes", 0)),
             **options,
         )
     )

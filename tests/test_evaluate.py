@@ -368,26 +368,3 @@ def test_lmdeploy_engine_tells_lmdeploy_the_llm_s_head_when_the_chat_config_says
     assert FakePipeline.calls[-1].backend_config.hf_overrides == {"tie_word_embeddings": False}
     LMDeployEngine(tiny_model, GEN, 4096, 2)
     assert FakePipeline.calls[-1].backend_config.hf_overrides is None
-
-
-def test_lmdeploy_engine_prepares_images_in_worker_processes_with_the_same_prompts(
-    monkeypatch, tiny_model, demo_dataset, eval_file
-):
-    import lmdeploy
-
-    from vlmtune.lmdeploy_engine import LMDeployEngine
-
-    monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
-    records = evaluate.read_eval(eval_file)
-    rows = {}
-    for processes in (False, True):
-        engine = LMDeployEngine(
-            tiny_model, GEN, 4096, 2, preprocess_threads=2, preprocess_processes=processes
-        )
-        rows[processes] = engine.generate(records, demo_dataset)
-        used = FakePipeline.calls[-1].async_engine.vl_encoder.threads_used
-        engine.close()
-        # In worker processes the pipeline's own preprocessor (in this process) is never called.
-        assert (len(used) == 0) == processes
-    assert [r["prompt_ids_digest"] for r in rows[True]] == [r["prompt_ids_digest"] for r in rows[False]]
-    assert [r["image_tokens"] for r in rows[True]] == [r["image_tokens"] for r in rows[False]]

@@ -30,8 +30,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
-import multiprocessing
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .hashing import ids_digest
@@ -123,36 +122,6 @@ def prompt_ids(model_dir: Path, image, question: str, template_config=None) -> t
     return list(out["input_ids"]), out["prompt"]
 
 
-_worker_preprocessor = None  # set in each preprocessing process by _start_preprocess_worker
-
-
-def _start_preprocess_worker(model_dir: str) -> None:
-    """Process-pool initializer: LMDeploy's image preprocessor for ``model_dir`` (no weights)."""
-    global _worker_preprocessor
-    from lmdeploy.vl.model.builder import load_vl_model
-
-    _worker_preprocessor = load_vl_model(model_dir, "pytorch", trust_remote_code=True)
-
-
-def _worker_ready() -> bool:
-    return _worker_preprocessor is not None
-
-
-def _preprocess_in_worker(messages: list, dtype: str | None, args: tuple) -> tuple[str, list]:
-    """LMDeploy's preprocessing of one request in a worker process. Returns only the entries it
-    appended to ``messages`` (the tiles; the caller appends them to its own list) so the request's
-    image is not sent back, or the whole result when preprocessing built a new list."""
-    import torch
-
-    if dtype and hasattr(_worker_preprocessor, "set_mm_feature_dtype"):
-        _worker_preprocessor.set_mm_feature_dtype(getattr(torch, dtype))
-    n = len(messages)
-    out = _worker_preprocessor.preprocess(messages, *args)
-    if out is messages:
-        return "appended", out[n:]
-    return "whole", out
-
-
 class LMDeployEngine:
     """LMDeploy's batch pipeline (PyTorch or TurboMind back end) over the held-out records."""
 
@@ -166,7 +135,6 @@ class LMDeployEngine:
         batch_size: int,
         backend: str = "pytorch",
         preprocess_threads: int = 1,
-        preprocess_processes: bool = False,
         **engine_options,
     ):
         """Build LMDeploy's pipeline for ``model_dir``.
@@ -178,9 +146,6 @@ class LMDeployEngine:
             batch_size: LMDeploy's ``max_batch_size`` (requests decoded together).
             backend: ``pytorch`` (runs on the installed torch) or ``turbomind``.
             preprocess_threads: workers preparing the requests' images (LMDeploy's own: 1).
-            preprocess_processes: run those workers as processes (started before the model
-                loads, ready when it is), so their Python work does not hold the interpreter
-                lock the engine's own thread needs to launch the GPU's work.
             engine_options: further fields of the back end's engine config (the parity benchmark
                 sets ``logprobs_mode``).
         """
@@ -194,17 +159,6 @@ class LMDeployEngine:
         self.overrides = config_overrides(model_dir)
         if self.overrides:
             engine_options = dict(engine_options, hf_overrides=self.overrides)
-        self._threads = self._processes = None
-        warming = []
-        if preprocess_threads > 1 and preprocess_processes:
-            # spawn, not fork: the workers must not inherit CUDA or the engine's threads.
-            self._processes = ProcessPoolExecutor(
-                preprocess_threads,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_preprocess_worker,
-                initargs=(str(model_dir),),
-            )
-            warming = [self._processes.submit(_worker_ready) for _ in range(preprocess_threads)]
         engine_config = (PytorchEngineConfig if backend == "pytorch" else TurbomindEngineConfig)(
             session_len=session_len, max_batch_size=batch_size, **engine_options
         )
@@ -231,13 +185,12 @@ class LMDeployEngine:
         self.version = importlib.metadata.version("lmdeploy")
         self.fed: dict[int, tuple[str, list[int]]] = {}
         self._record_fed_prompts()
+        self._pool = None
         if preprocess_threads > 1:
-            self._threads = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="lmdeploy-preprocess")
-            self._parallel_preprocessing(self._processes or self._threads, preprocess_threads)
-            for ready in warming:
-                ready.result()
+            self._pool = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="lmdeploy-preprocess")
+            self._parallel_preprocessing(self._pool, preprocess_threads)
 
-    def _parallel_preprocessing(self, pool: Executor, workers: int) -> None:
+    def _parallel_preprocessing(self, pool: ThreadPoolExecutor, threads: int) -> None:
         """Run the image encoder's CPU preprocessing on ``pool``. Only that step: LMDeploy's own
         single worker keeps running the vision forward (TurboMind back end), which must not run
         on two threads at once. Each request's images are prepared independently (InternVL's
@@ -247,22 +200,17 @@ class LMDeployEngine:
             self.close()  # the engine holds the GPU's memory
             raise LMDeployError(
                 "evaluate: LMDeploy's pipeline has no image encoder to run preprocessing on "
-                f"{workers} workers (its layout changed?); set evaluate.cpus_per_task: 1"
+                f"{threads} threads (its layout changed?); set evaluate.cpus_per_task: 1"
             )
         model = encoder.model
-        dtype = getattr(model, "mm_feature_dtype", None)  # the tiles' dtype, sent to the workers
-        dtype = str(dtype).removeprefix("torch.") if dtype is not None else None
 
         async def preprocess(messages, input_prompt=None, mm_processor_kwargs=None):
             loop = asyncio.get_running_loop()
-            args = (input_prompt, mm_processor_kwargs) if encoder._uses_new_preprocess else ()
-            if pool is not self._processes:
-                return await loop.run_in_executor(pool, model.preprocess, messages, *args)
-            kind, out = await loop.run_in_executor(pool, _preprocess_in_worker, messages, dtype, args)
-            if kind == "whole":
-                return out
-            messages.extend(out)
-            return messages
+            if encoder._uses_new_preprocess:
+                return await loop.run_in_executor(
+                    pool, model.preprocess, messages, input_prompt, mm_processor_kwargs
+                )
+            return await loop.run_in_executor(pool, model.preprocess, messages)
 
         encoder.preprocess = preprocess
 
@@ -284,17 +232,13 @@ class LMDeployEngine:
     def generate(self, batch: list[dict], image_folder: Path) -> list[dict]:
         from PIL import Image
 
-        paths = [Path(image_folder) / rec["image"] for rec in batch]
-        for path in paths:
+        images = []
+        for rec in batch:
+            path = Path(image_folder) / rec["image"]
             if not path.is_file():
                 raise LMDeployError(f"evaluate: image {path} does not exist")
-
-        def load(path: Path):
             with Image.open(path) as img:
-                return img.convert("RGB")
-
-        # Decoding releases the interpreter lock: on the preprocessing threads when there are some.
-        images = list(self._threads.map(load, paths) if self._threads else map(load, paths))
+                images.append(img.convert("RGB"))
         requests = [
             messages(rec["question"], img, self.tiling["max_tiles"]) for rec, img in zip(batch, images)
         ]
@@ -330,6 +274,5 @@ class LMDeployEngine:
         close = getattr(self.pipe, "close", None)
         if close:
             close()
-        for pool in (self._threads, self._processes):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
