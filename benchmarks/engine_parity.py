@@ -184,6 +184,25 @@ def lmdeploy_preprocess_seconds(model: Path, records: list[dict], folder: Path) 
     return round(time.perf_counter() - t, 2)
 
 
+def greedy_settings(max_new_tokens: int) -> dict:
+    """The evaluation's generation settings for greedy answers of ``max_new_tokens``."""
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+
+
+def transformers_throughput(
+    engine: TransformersEngine, records: list[dict], folder: Path, batch: int
+) -> tuple[dict, list[dict]]:
+    """The transformers engine over ``records`` at ``batch`` after a one-batch warm-up: its
+    seconds and prompts/s, and its rows."""
+    engine.generate(records[:batch], folder)  # warm-up
+    t = time.perf_counter()
+    rows = []
+    for i in range(0, len(records), batch):
+        rows += engine.generate(records[i : i + batch], folder)
+    s = time.perf_counter() - t
+    return dict(batch=batch, seconds=round(s, 2), prompts_per_s=round(len(records) / s, 2)), rows
+
+
 def greedy_summary(hf_rows: list[dict], lmd_rows: list[dict]) -> dict:
     """Per record, the first position where LMDeploy's greedy tokens differ from the transformers
     engine's (None: identical; gpu_workflow_report's comparison, stop tokens left out)."""
@@ -258,7 +277,7 @@ def main(argv=None) -> None:
 
     a.out.mkdir(parents=True, exist_ok=True)
     records = read_eval(a.eval, a.records)
-    gen = dict(max_new_tokens=a.max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
+    gen = greedy_settings(a.max_new_tokens)
     result: dict = dict(
         records=len(records),
         generation=gen,
@@ -270,16 +289,10 @@ def main(argv=None) -> None:
     for image in (True, False):
         logits[("hf_bf16", image)], lens = hf_first_logits(hf, records, a.image_folder, image, a.batch_size)
         result[f"hf_prompt_lengths_{'image' if image else 'text'}"] = lens
-    hf.generate(records[: a.batch_size], a.image_folder)  # warm-up
-    t = time.perf_counter()
-    hf_rows = []
-    for i in range(0, len(records), a.batch_size):
-        hf_rows += hf.generate(records[i : i + a.batch_size], a.image_folder)
-    s = time.perf_counter() - t
-    result["transformers"] = dict(
-        batch=a.batch_size, seconds=round(s, 2), prompts_per_s=round(len(records) / s, 2)
+    result["transformers"], hf_rows = transformers_throughput(hf, records, a.image_folder, a.batch_size)
+    print(
+        f"[parity] transformers: {len(records)} prompts in {result['transformers']['seconds']} s", flush=True
     )
-    print(f"[parity] transformers: {len(records)} prompts in {s:.1f} s", flush=True)
     hf.model.float()
     hf.dtype = torch.float32
     for image in (True, False):

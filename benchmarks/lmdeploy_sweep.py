@@ -4,8 +4,8 @@ Each ``--run`` builds one ``vlmtune.lmdeploy_engine.LMDeployEngine`` (PyTorch ba
 given settings and times passes over the same records: the first (with the kernels' first-call
 work), then ``repeats`` warm ones (median reported); with ``prefill_only`` it also times a warm
 pass with one new token (image preprocessing, vision encoder and prefill, no decoding); with
-``profile`` it sums the GPU kernel time of a warm pass (torch.profiler) to tell GPU work from
-waiting. ``--transformers`` batch sizes time the transformers engine on the same records (after
+``profile`` it sums the GPU's kernel and copy time in a warm pass (torch.profiler) to tell GPU
+work from waiting. ``--transformers`` batch sizes time the transformers engine on the same records (after
 a one-batch warm-up) for the ratio.
 
     PYTHONPATH=src python benchmarks/lmdeploy_sweep.py --model M --eval eval.jsonl \
@@ -15,9 +15,8 @@ a one-batch warm-up) for the ratio.
 
 Settings of a run: ``batch`` (max_batch_size), ``threads`` (image preprocessing workers),
 ``repeats`` (warm passes, default 1), ``records``, ``max_new_tokens``, ``prefill_only``,
-``profile``; any other key is passed to
-LMDeploy's ``PytorchEngineConfig`` (``max_prefill_token_num``, ``prefill_interval``,
-``eager_mode``, ``cache_max_entry_count``, ...).
+``profile``; any other key is passed to LMDeploy's ``PytorchEngineConfig``
+(``max_prefill_token_num``, ``prefill_interval``, ``eager_mode``, ``cache_max_entry_count``, ...).
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from engine_parity import greedy_settings, transformers_throughput  # noqa: E402  (this folder)
 
 from vlmtune.heldout import read_eval  # noqa: E402
 
@@ -65,10 +66,6 @@ def parse_run(text: str) -> dict:
     return run
 
 
-def gen_settings(max_new_tokens: int) -> dict:
-    return dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, seed=0)
-
-
 def timed(fn, *args) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn(*args)
@@ -76,7 +73,7 @@ def timed(fn, *args) -> tuple[float, object]:
 
 
 def kernel_seconds(fn, *args) -> tuple[float, float]:
-    """Wall seconds of ``fn(*args)`` and the summed GPU kernel time within it."""
+    """Wall seconds of ``fn(*args)`` and the summed device time (kernels, copies) within it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,7 +96,7 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
     if len(records) < int(run.get("records", 64)):
         raise SystemExit(f"[sweep] {a.eval} holds {len(records)} records, fewer than {run['records']}")
     options = {k: v for k, v in run.items() if k not in OWN_KEYS}
-    gen = gen_settings(int(run.get("max_new_tokens", 128)))
+    gen = greedy_settings(int(run.get("max_new_tokens", 128)))
     t, runner = timed(
         lambda: LMDeployEngine(
             a.model,
@@ -144,22 +141,12 @@ def transformers_run(a, batch: int, records: list[dict]) -> dict:
 
     from vlmtune.transformers_engine import TransformersEngine
 
-    engine = TransformersEngine(a.model, gen_settings(128))
-    engine.generate(records[:batch], a.image_folder)  # warm-up
-    t = time.perf_counter()
-    for i in range(0, len(records), batch):
-        engine.generate(records[i : i + batch], a.image_folder)
-    s = time.perf_counter() - t
+    engine = TransformersEngine(a.model, greedy_settings(128))
+    row = transformers_throughput(engine, records, a.image_folder, batch)[0]
     del engine
     gc.collect()
     torch.cuda.empty_cache()
-    return dict(
-        engine="transformers",
-        batch=batch,
-        records=len(records),
-        seconds=round(s, 2),
-        prompts_per_s=round(len(records) / s, 2),
-    )
+    return dict(engine="transformers", records=len(records), **row)
 
 
 def main(argv=None) -> None:
