@@ -36,6 +36,8 @@ AS_PUBLISHED=(
   # LMDeploy 0.18.0's PyTorch engine: what an offline pipeline() imports
   pybase64==1.4.2 pyzmq==27.1.0 shortuuid==1.0.13 partial-json-parser==0.2.1.1.post6 fire==0.7.1
   xgrammar==0.2.9 apache-tvm-ffi==0.1.11
+  # NVML, for the GPU utilisation benchmarks/lmdeploy_sweep.py samples
+  nvidia-ml-py==13.615.71
   # Snakemake 9.27.1 and what it imports
   snakemake==9.27.1 snakemake-interface-common==1.23.0 snakemake-interface-executor-plugins==9.4.0
   snakemake-interface-logger-plugins==2.1.0 snakemake-interface-report-plugins==1.3.0

@@ -4,9 +4,11 @@ Each ``--run`` builds one ``vlmtune.lmdeploy_engine.LMDeployEngine`` (PyTorch ba
 given settings and times passes over the same records: the first (with the kernels' first-call
 work), then ``repeats`` warm ones (median reported); with ``prefill_only`` it also times a warm
 pass with one new token (image preprocessing, vision encoder and prefill, no decoding); with
-``profile`` it sums the GPU's kernel and copy time in a warm pass (torch.profiler) to tell GPU
-work from waiting. ``--transformers`` batch sizes time the transformers engine on the same records (after
-a one-batch warm-up) for the ratio.
+``profile`` it sums the GPU's kernel and copy time in a warm pass (torch.profiler, this
+process's only: the engine runs in its own process unless ``enable_mp_engine=false``) to tell
+GPU work from waiting. Every timed pass also reports when the last request's prompt and tiles
+were ready and NVML's mean GPU utilisation. ``--transformers`` batch sizes time the
+transformers engine on the same records (after a one-batch warm-up) for the ratio.
 
     PYTHONPATH=src python benchmarks/lmdeploy_sweep.py --model M --eval eval.jsonl \
         --image-folder ds --out results/sweep \
@@ -72,6 +74,55 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
+class GpuBusy:
+    """Mean of NVML's GPU utilisation (share of time a kernel ran), sampled every 50 ms on a
+    thread: it sees the engine's own process too, which torch.profiler here does not. None
+    without NVML (nvidia-ml-py)."""
+
+    def __init__(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle, self.nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        except Exception:  # no NVML: no figure
+            self.nvml = None
+
+    def __enter__(self):
+        import threading
+
+        self.samples, self.stop = [], threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.05):
+                self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+
+        if self.nvml:
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.nvml:
+            self.thread.join()
+
+    @property
+    def percent(self) -> float | None:
+        return round(statistics.mean(self.samples), 1) if self.samples else None
+
+
+def engine_pass(runner, records, image_folder) -> dict:
+    """One timed pass: its seconds, when the last request's prompt (and image tiles) was ready,
+    and the GPU's mean utilisation."""
+    t = time.perf_counter()
+    with GpuBusy() as busy:
+        outputs = runner.generate(records, image_folder)
+    seconds = time.perf_counter() - t
+    built = max(runner.fed_at) - t if runner.fed_at else None
+    return dict(s=seconds, outputs=outputs, last_prompt_built_s=built, gpu_util=busy.percent)
+
+
 def kernel_seconds(fn, *args) -> tuple[float, float]:
     """Wall seconds of ``fn(*args)`` and the summed device time (kernels, copies) within it."""
     import torch
@@ -109,13 +160,15 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
         )
     )
     row = dict(run, records=len(records), build_s=round(t, 1))
-    passes = [timed(runner.generate, records, a.image_folder) for _ in range(1 + int(run.get("repeats", 1)))]
-    outputs = passes[1][1]
-    warm = statistics.median(s for s, _ in passes[1:])
+    passes = [engine_pass(runner, records, a.image_folder) for _ in range(1 + int(run.get("repeats", 1)))]
+    outputs = passes[1]["outputs"]
+    warm = statistics.median(p["s"] for p in passes[1:])
     row.update(
-        first_pass_s=round(passes[0][0], 2),
-        warm_passes_s=[round(s, 2) for s, _ in passes[1:]],
+        first_pass_s=round(passes[0]["s"], 2),
+        warm_passes_s=[round(p["s"], 2) for p in passes[1:]],
         warm_pass_s=round(warm, 2),
+        last_prompt_built_s=[round(p["last_prompt_built_s"] or -1, 2) for p in passes[1:]],
+        gpu_util_percent=[p["gpu_util"] for p in passes[1:]],
         prompts_per_s_warm=round(len(records) / warm, 2),
         prompt_tokens=sum(r["prompt_tokens"] for r in outputs),
         completion_tokens=sum(r["completion_tokens"] for r in outputs),
@@ -127,7 +180,12 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
         full = runner.gen_config
         runner.gen_config = GenerationConfig(max_new_tokens=1, do_sample=False)
         runner.generate(records, a.image_folder)  # the one-token shape's first call
-        row["prefill_only_pass_s"] = round(timed(runner.generate, records, a.image_folder)[0], 2)
+        one = engine_pass(runner, records, a.image_folder)
+        row.update(
+            prefill_only_pass_s=round(one["s"], 2),
+            prefill_only_last_prompt_built_s=round(one["last_prompt_built_s"] or -1, 2),
+            prefill_only_gpu_util_percent=one["gpu_util"],
+        )
         runner.gen_config = full
     runner.close()
     del runner

@@ -251,6 +251,8 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
     pipe = FakePipeline.calls[-1]
     assert pipe.backend_config.session_len == 4096 and pipe.backend_config.max_batch_size == 2
     assert type(pipe.backend_config).__name__ == "PytorchEngineConfig" and pipe.trust_remote_code
+    # the engine in its own process, away from the image workers' interpreter lock
+    assert pipe.backend_config.enable_mp_engine is True
     g = pipe.gen_config
     assert (g.max_new_tokens, g.do_sample, g.temperature, g.top_p, g.random_seed) == (4, True, 0.7, 0.9, 5)
     assert pipe.chat_template.meta_instruction == SYSTEM_PROMPT and pipe.chat_template.separator == ""
