@@ -24,8 +24,9 @@ Two settings feed the GPU faster than LMDeploy's pipeline does by default (docs/
   thread of its image encoder, one request after another (2.1 s for 64 CLoT-sized images on an
   H200 machine); :class:`LMDeployEngine` runs that step on ``preprocess_threads`` workers;
 - the PyTorch engine runs in its own process (LMDeploy's ``enable_mp_engine``, what its API
-  server does), so its scheduling loop does not share the interpreter lock with those workers:
-  18.3 against 13.2 prompts/s on an H200 (64 records, benchmarks/RESULTS.md).
+  server does), so its scheduling loop does not share the interpreter lock with those workers
+  (on an H200, 64 records: 18.3 against 13.2 prompts/s in one call; 24.4 with the images also
+  decoded on the workers, 11× the transformers engine: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
