@@ -316,6 +316,25 @@ def test_lmdeploy_engine_prepares_images_on_the_threads_asked_for_with_the_same_
     assert digests[1] == digests[3] and len(digests[1]) == 2
 
 
+def test_lmdeploy_engine_is_closed_when_a_record_fails(
+    monkeypatch, tiny_model, demo_dataset, eval_file, tmp_path
+):
+    """LMDeploy's engine is a process of its own holding the GPU: a failing record must not leave
+    it running (nor a partial predictions file)."""
+    import lmdeploy
+
+    monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
+    recs = evaluate.read_eval(eval_file)
+    recs[1]["image"] = "images/gone.jpg"
+    eval_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(Exception, match=r"images/gone\.jpg does not exist"):
+        evaluate.generate(
+            tiny_model, eval_file, demo_dataset, "lmdeploy", out, GEN, batch_size=2, session_len=4096
+        )
+    assert getattr(FakePipeline.calls[-1], "closed", False) and not out.exists()
+
+
 def test_lmdeploy_engine_names_a_pipeline_without_an_image_encoder(monkeypatch, tiny_model):
     import lmdeploy
 

@@ -88,42 +88,46 @@ def generate(
             raise EvaluateError(str(exc)) from None
     else:
         raise EvaluateError(f"evaluate: unknown engine {engine!r}; choose lmdeploy or transformers")
-    started = time.perf_counter()
-    # tqdm writes to stderr, which the rule sends to the log.
-    with (
-        atomic_file(out) as fh,
-        tqdm(
-            total=len(records), desc=f"generate ({engine})", unit="prompt", mininterval=5, file=sys.stderr
-        ) as bar,
-    ):
-        # LMDeploy schedules its own batches (continuous batching up to batch_size): hand it
-        # many requests at once; the transformers engine pads and runs batch_size at a time.
-        chunk = batch_size if engine == "transformers" else max(batch_size, 256)
-        for start in range(0, len(records), chunk):
-            batch = records[start : start + chunk]
-            for rec, res in zip(batch, runner.generate(batch, Path(image_folder)), strict=True):
-                row = dict(
-                    id=rec["id"],
-                    image=rec["image"],
-                    type=rec.get("type"),
-                    question=rec["question"],
-                    references=rec["references"],
-                    **res,
-                    engine=engine,
-                    engine_version=runner.version,
-                    generation=gen,
-                    model=str(model),
-                )
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            bar.update(len(batch))
-    elapsed = time.perf_counter() - started
-    print(
-        f"[vlmtune.evaluate] generation: {len(records)} prompts in {elapsed:.2f} s = "
-        f"{len(records) / max(elapsed, 1e-9):.2f} prompts/s ({engine}, batch {batch_size}, model loading "
-        "excluded)"
-    )
-    if hasattr(runner, "close"):
-        runner.close()
+    # The engine is closed on every way out: LMDeploy's engine is a process of its own that
+    # holds the GPU's memory until it is.
+    try:
+        started = time.perf_counter()
+        # tqdm writes to stderr, which the rule sends to the log.
+        with (
+            atomic_file(out) as fh,
+            tqdm(
+                total=len(records), desc=f"generate ({engine})", unit="prompt", mininterval=5, file=sys.stderr
+            ) as bar,
+        ):
+            # LMDeploy schedules its own batches (continuous batching up to batch_size): hand it
+            # many requests at once; the transformers engine pads and runs batch_size at a time.
+            chunk = batch_size if engine == "transformers" else max(batch_size, 256)
+            for start in range(0, len(records), chunk):
+                batch = records[start : start + chunk]
+                for rec, res in zip(batch, runner.generate(batch, Path(image_folder)), strict=True):
+                    row = dict(
+                        id=rec["id"],
+                        image=rec["image"],
+                        type=rec.get("type"),
+                        question=rec["question"],
+                        references=rec["references"],
+                        **res,
+                        engine=engine,
+                        engine_version=runner.version,
+                        generation=gen,
+                        model=str(model),
+                    )
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                bar.update(len(batch))
+        elapsed = time.perf_counter() - started
+        print(
+            f"[vlmtune.evaluate] generation: {len(records)} prompts in {elapsed:.2f} s = "
+            f"{len(records) / max(elapsed, 1e-9):.2f} prompts/s ({engine}, batch {batch_size}, model loading "
+            "excluded)"
+        )
+    finally:
+        if hasattr(runner, "close"):
+            runner.close()
     return len(records)
 
 
