@@ -26,7 +26,8 @@ Two settings feed the GPU faster than LMDeploy's pipeline does by default (docs/
 - the PyTorch engine runs in its own process (LMDeploy's ``enable_mp_engine``, what its API
   server does), so its scheduling loop does not share the interpreter lock with those workers
   (on an H200, 64 records: 18.3 against 13.2 prompts/s in one call; 24.4 with the images also
-  decoded on the workers, 11× the transformers engine: benchmarks/RESULTS.md).
+  decoded on the workers, 11× the transformers engine, 16.3 and 8.9× on a slower host:
+  benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
