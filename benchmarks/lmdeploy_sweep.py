@@ -68,6 +68,11 @@ def parse_run(text: str) -> dict:
     return run
 
 
+def rounded(seconds: float | None) -> float | None:
+    """Seconds to 0.01, None (not measured) kept."""
+    return None if seconds is None else round(seconds, 2)
+
+
 def timed(fn, *args) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn(*args)
@@ -167,7 +172,7 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
         first_pass_s=round(passes[0]["s"], 2),
         warm_passes_s=[round(p["s"], 2) for p in passes[1:]],
         warm_pass_s=round(warm, 2),
-        last_prompt_built_s=[round(p["last_prompt_built_s"] or -1, 2) for p in passes[1:]],
+        last_prompt_built_s=[rounded(p["last_prompt_built_s"]) for p in passes[1:]],
         gpu_util_percent=[p["gpu_util"] for p in passes[1:]],
         prompts_per_s_warm=round(len(records) / warm, 2),
         prompt_tokens=sum(r["prompt_tokens"] for r in outputs),
@@ -183,7 +188,7 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
         one = engine_pass(runner, records, a.image_folder)
         row.update(
             prefill_only_pass_s=round(one["s"], 2),
-            prefill_only_last_prompt_built_s=round(one["last_prompt_built_s"] or -1, 2),
+            prefill_only_last_prompt_built_s=rounded(one["last_prompt_built_s"]),
             prefill_only_gpu_util_percent=one["gpu_util"],
         )
         runner.gen_config = full

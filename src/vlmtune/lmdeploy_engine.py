@@ -168,7 +168,7 @@ class LMDeployEngine:
         if backend == "pytorch":
             # The engine in its own process: its loop then never waits for the interpreter lock
             # held by the image workers of this one (a benchmark may still set it False).
-            engine_options = dict(dict(enable_mp_engine=True), **engine_options)
+            engine_options = {"enable_mp_engine": True, **engine_options}
         engine_config = (PytorchEngineConfig if backend == "pytorch" else TurbomindEngineConfig)(
             session_len=session_len, max_batch_size=batch_size, **engine_options
         )
