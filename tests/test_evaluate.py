@@ -389,3 +389,73 @@ def test_lmdeploy_engine_tells_lmdeploy_the_llm_s_head_when_the_chat_config_says
     assert FakePipeline.calls[-1].backend_config.hf_overrides == {"tie_word_embeddings": False}
     LMDeployEngine(tiny_model, GEN, 4096, 2)
     assert FakePipeline.calls[-1].backend_config.hf_overrides is None
+
+
+# LMDeploy's engine-process side of its ZMQ link: answers with what arrived, per tensor.
+RPC_SERVER = """
+import asyncio, hashlib, sys
+import torch
+from lmdeploy.pytorch.engine.mp_engine.zmq_rpc import AsyncRPCServer
+
+def arrived(multimodal):
+    return [
+        {key: (str(t.dtype), tuple(t.shape), hashlib.sha256(t.contiguous().view(-1).view(torch.uint8)
+               .numpy().tobytes()).hexdigest()) for key, t in item.items()}
+        for item in multimodal
+    ]
+
+server = AsyncRPCServer()
+server.register_method("arrived", arrived)
+print(server.get_port(), flush=True)
+asyncio.run(server.run())
+"""
+
+
+@pytest.mark.parametrize("handover", ["buffer", "pickle"])
+def test_tiles_reach_lmdeploy_s_engine_process_bit_for_bit(handover):
+    """Requests travel to the PyTorch engine's process over LMDeploy's own ZMQ link; with the
+    raw-bytes hand-over every tensor (dtype, shape, bytes) must arrive as sent in a fresh
+    interpreter, as with LMDeploy's plain pickling."""
+    import hashlib
+    import subprocess
+
+    import torch
+    from lmdeploy.pytorch.engine.mp_engine import zmq_rpc
+
+    from vlmtune.lmdeploy_engine import install_tensor_handover
+
+    sent = dict(
+        tiles=torch.randn(7, 3, 448, 448).to(torch.bfloat16),
+        strided=torch.arange(20).reshape(4, 5)[:, ::2],
+        scalar=torch.tensor(0.25),
+        empty=torch.zeros(0, 3),
+        flags=torch.tensor([True, False, True]),
+        grad=torch.ones(3, requires_grad=True),
+    )
+    expected = {
+        key: (
+            str(t.dtype),
+            tuple(t.shape),
+            hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
+        )
+        for key, t in sent.items()
+    }
+    assert install_tensor_handover(handover)
+    server = subprocess.Popen([sys.executable, "-c", RPC_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        client = zmq_rpc.AsyncRPCClient(port=int(server.stdout.readline()))
+        payload = zmq_rpc.pickle.dumps(dict(multimodal=[sent]))
+        assert (b"_tensor_from_buffer" in payload) == (handover == "buffer")
+        got = client.call("arrived", multimodal=[sent])
+        client.close_sockets()
+    finally:
+        server.kill()
+        install_tensor_handover("buffer")
+    assert got == [expected]
+
+
+def test_an_unknown_tensor_handover_is_named():
+    from vlmtune.lmdeploy_engine import LMDeployError, install_tensor_handover
+
+    with pytest.raises(LMDeployError, match="'shm'"):
+        install_tensor_handover("shm")
