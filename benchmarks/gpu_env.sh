@@ -8,4 +8,5 @@ if [ -d .whl ] && [ ! -f "$SITE/.installed" ]; then
   touch "$SITE/.installed"
 fi
 export PYTHONPATH=$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+export PATH=$PATH:$SITE/bin  # the wheels' commands (py-spy)
 export VLMTUNE_ALLOW_VERSION_DRIFT=1 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1

@@ -17,7 +17,12 @@ transformers engine on the same records (after a one-batch warm-up) for the rati
 
 Settings of a run: ``batch`` (max_batch_size), ``threads`` (image preprocessing workers),
 ``repeats`` (warm passes, default 1), ``records``, ``max_new_tokens``, ``prefill_only``,
-``profile``; any other key is passed to LMDeploy's ``PytorchEngineConfig``
+``profile``, ``spy`` (py-spy samples this process and the engine's during the warm passes, into
+``spy-<n>.txt`` of ``--out``: collapsed stacks per process and thread, idle ones included); any
+other key is passed to LMDeploy's ``PytorchEngineConfig`` or ``LMDeployEngine``. Two undo
+what ``LMDeployEngine`` changes in LMDeploy's own behaviour, for comparison: ``lmdeploy_detokenize=1``
+(LMDeploy makes the text of each answer again) and ``trim_count=N`` (its engine trims host memory
+every N image requests)
 (``max_prefill_token_num``, ``prefill_interval``, ``eager_mode``, ``cache_max_entry_count``, ...).
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,6 +52,9 @@ OWN_KEYS = {
     "max_new_tokens",
     "prefill_only",
     "profile",
+    "spy",
+    "lmdeploy_detokenize",
+    "trim_count",
 }
 
 
@@ -128,6 +137,35 @@ def engine_pass(runner, records, image_folder) -> dict:
     return dict(s=seconds, outputs=outputs, last_prompt_built_s=built, gpu_util=busy.percent)
 
 
+class PySpy:
+    """py-spy sampling this process and its children (LMDeploy's engine) without pausing them,
+    into ``path`` as collapsed stacks per process and thread, idle samples included."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __enter__(self):
+        import os
+        import subprocess
+
+        if self.path:
+            self.proc = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(os.getpid()), "--subprocesses", "--threads", "--idle",
+                 "--nonblocking", "--rate", "200", "--format", "raw", "--output", str(self.path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.path:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            _, err = self.proc.communicate(timeout=60)
+            print(f"[sweep] py-spy: {err.strip()[-300:]}", flush=True)
+
+
 def kernel_seconds(fn, *args) -> tuple[float, float]:
     """Wall seconds of ``fn(*args)`` and the summed device time (kernels, copies) within it."""
     import torch
@@ -146,13 +184,16 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
     import torch
     from lmdeploy import GenerationConfig
 
-    from vlmtune.lmdeploy_engine import LMDeployEngine
+    from vlmtune.lmdeploy_engine import TRIM_COUNT_VARIABLE, LMDeployEngine
 
     records = eval_records[: int(run.get("records", 64))]
     if len(records) < int(run.get("records", 64)):
         raise SystemExit(f"[sweep] {a.eval} holds {len(records)} records, fewer than {run['records']}")
     options = {k: v for k, v in run.items() if k not in OWN_KEYS}
     gen = greedy_settings(int(run.get("max_new_tokens", 128)))
+    os.environ.pop(TRIM_COUNT_VARIABLE, None)  # LMDeployEngine's default unless the run sets one
+    if "trim_count" in run:
+        os.environ[TRIM_COUNT_VARIABLE] = str(run["trim_count"])
     t, runner = timed(
         lambda: LMDeployEngine(
             a.model,
@@ -164,8 +205,13 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
             **options,
         )
     )
+    if run.get("lmdeploy_detokenize"):
+        del runner.pipe.async_engine.tokenizer.detokenize_incrementally  # LMDeploy's own method again
     row = dict(run, records=len(records), build_s=round(t, 1))
-    passes = [engine_pass(runner, records, a.image_folder) for _ in range(1 + int(run.get("repeats", 1)))]
+    passes = [engine_pass(runner, records, a.image_folder)]
+    spy = a.out / f"spy-{a.run.index(run)}.txt" if run.get("spy") else None
+    with PySpy(spy):
+        passes += [engine_pass(runner, records, a.image_folder) for _ in range(int(run.get("repeats", 1)))]
     outputs = passes[1]["outputs"]
     warm = statistics.median(p["s"] for p in passes[1:])
     row.update(

@@ -197,7 +197,11 @@ class FakePipeline:
         self.chat_template = chat_template_config.chat_template()
         encoder = FakeImageEncoder(model_path)
         processor = FakePromptProcessor(encoder, self.chat_template, model_path)
-        self.async_engine = types.SimpleNamespace(prompt_processor=processor, vl_encoder=encoder)
+        from lmdeploy import Tokenizer
+
+        self.async_engine = types.SimpleNamespace(
+            prompt_processor=processor, vl_encoder=encoder, tokenizer=Tokenizer(model_path)
+        )
         FakePipeline.calls.append(self)
 
     def close(self):
@@ -206,23 +210,35 @@ class FakePipeline:
     def __call__(self, requests, gen_config=None):
         import asyncio
 
-        from lmdeploy.messages import Response
-
-        self.requests, self.gen_config = requests, gen_config
+        self.requests, self.gen_config, self.texts = requests, gen_config, []
         built = [
             asyncio.run(self.async_engine.prompt_processor.get_prompt_input(prompt=r, do_preprocess=True))
             for r in requests
         ]
-        return [
-            Response(
-                text=f" 回答{i} ",
-                generate_token_len=3,
-                input_token_len=len(b["input_ids"]),
-                finish_reason="stop",
-                token_ids=[5, 6, 7],
-            )
-            for i, b in enumerate(built)
-        ]
+        return [self.answer(b["input_ids"], f" 回答{i} ") for i, b in enumerate(built)]
+
+    def answer(self, input_ids, text):
+        """The engine's answer ``text`` as LMDeploy's pipeline returns it: the generated ids, and
+        the text its tokenizer wrapper makes of them (AsyncEngine.generate)."""
+        from lmdeploy.messages import Response
+        from lmdeploy.tokenizer import DetokenizeState
+
+        tokenizer = self.async_engine.tokenizer
+        generated = tokenizer.encode(text, add_bos=False)
+        state = DetokenizeState(len(input_ids))
+        offset = state.ids_offset
+        all_ids = list(input_ids) + generated
+        response, state = tokenizer.detokenize_incrementally(
+            all_ids, state, skip_special_tokens=True, spaces_between_special_tokens=True
+        )
+        self.texts.append(response)
+        return Response(
+            text=response,
+            generate_token_len=len(generated),
+            input_token_len=len(input_ids),
+            finish_reason="stop",
+            token_ids=all_ids[offset:],
+        )
 
 
 def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fields(
@@ -271,7 +287,11 @@ def test_lmdeploy_engine_passes_the_template_and_config_and_writes_the_same_fiel
         and rows[0]["engine"] == "lmdeploy"
         and rows[0]["engine_version"] == "0.18.0"
     )
-    assert rows[0]["engine_backend"] == "pytorch" and rows[0]["completion_ids"] == [5, 6, 7]
+    # The answer's ids as LMDeploy returned them, its text decoded here as the transformers engine
+    # does; LMDeploy's own per-token detokenization (seconds per pass) did not run.
+    assert rows[0]["engine_backend"] == "pytorch" and pipe.texts == ["", ""]
+    answer_ids = pipe.async_engine.tokenizer.encode(" 回答0 ", add_bos=False)
+    assert rows[0]["completion_ids"] == answer_ids and rows[0]["completion_tokens"] == len(answer_ids)
     assert rows[0]["prompt"] == (
         f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|><|im_start|>user\n<img><IMG_CONTEXT>*256</img>\n"
         "请你根据这张图片,讲一个脑洞大开的梗。<|im_end|><|im_start|>assistant\n"
@@ -459,3 +479,21 @@ def test_an_unknown_tensor_handover_is_named():
 
     with pytest.raises(LMDeployError, match="'shm'"):
         install_tensor_handover("shm")
+
+
+def test_lmdeploy_s_periodic_memory_trim_is_off_unless_the_user_sets_it(monkeypatch, tiny_model):
+    """LMDeploy's engine stalls ~1 s every 128 image requests to trim host memory; the engine's
+    process reads the setting when it starts. A value the user exported is left alone."""
+    import os
+
+    import lmdeploy
+
+    from vlmtune.lmdeploy_engine import TRIM_COUNT_VARIABLE, LMDeployEngine
+
+    monkeypatch.setattr(lmdeploy, "pipeline", FakePipeline)
+    monkeypatch.delenv(TRIM_COUNT_VARIABLE, raising=False)
+    LMDeployEngine(tiny_model, GEN, 4096, 2)
+    assert os.environ[TRIM_COUNT_VARIABLE] == "0"
+    monkeypatch.setenv(TRIM_COUNT_VARIABLE, "512")
+    LMDeployEngine(tiny_model, GEN, 4096, 2)
+    assert os.environ[TRIM_COUNT_VARIABLE] == "512"
