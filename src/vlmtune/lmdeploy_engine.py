@@ -18,16 +18,23 @@ embedding from the chat model's config, not the LLM's (:func:`config_overrides`)
 engine really feeds its LLM (read where its request path builds them), so predictions can be
 compared token for token with the transformers engine and with training.
 
-Two settings feed the GPU faster than LMDeploy's pipeline does by default (docs/lmdeploy.md):
+What LMDeploy does by default and this module changes, so that the GPU is kept fed
+(docs/lmdeploy.md, benchmarks/RESULTS.md):
 
 - LMDeploy 0.18 prepares every request's image (resize, crops, normalisation) on one worker
   thread of its image encoder, one request after another (2.1 s for 64 CLoT-sized images on an
-  H200 machine); :class:`LMDeployEngine` runs that step on ``preprocess_threads`` workers;
+  H200 machine); :class:`LMDeployEngine` runs that step on ``preprocess_threads`` workers, each
+  with one torch thread;
 - the PyTorch engine runs in its own process (LMDeploy's ``enable_mp_engine``, what its API
-  server does), so its scheduling loop does not share the interpreter lock with those workers
-  (on an H200, 64 records: 18.3 against 13.2 prompts/s in one call; 24.4 with the images also
-  decoded on the workers, 11× the transformers engine, 16.3 and 8.9× on a slower host:
-  benchmarks/RESULTS.md).
+  server does), so its scheduling loop does not share the interpreter lock with those workers;
+  the tiles reach it as raw bytes (:func:`install_tensor_handover`);
+- answers are decoded here from LMDeploy's token ids, as the transformers engine decodes them
+  (LMDeploy's own detokenization took seconds per 64 answers), and LMDeploy's memory trim every
+  128 image requests is off unless the user sets it.
+
+On an H200 host of the slower kind, 64 records: 21.4 prompts/s, 11.5× the transformers engine,
+against 17.3 and 9.3× in the same call with the one-thread workers, the raw-bytes hand-over and
+the last point undone.
 """
 
 from __future__ import annotations
