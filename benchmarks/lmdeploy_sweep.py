@@ -145,7 +145,6 @@ class PySpy:
         self.path = path
 
     def __enter__(self):
-        import os
         import subprocess
 
         if self.path:

@@ -482,7 +482,7 @@ def test_an_unknown_tensor_handover_is_named():
 
 
 def test_lmdeploy_s_periodic_memory_trim_is_off_unless_the_user_sets_it(monkeypatch, tiny_model):
-    """LMDeploy's engine stalls ~1 s every 128 image requests to trim host memory; the engine's
+    """LMDeploy's engine stalls every 128 image requests to trim host memory; the engine's
     process reads the setting when it starts. A value the user exported is left alone."""
     import os
 

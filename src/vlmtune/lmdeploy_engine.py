@@ -269,10 +269,10 @@ class LMDeployEngine:
             engine_options = {"enable_mp_engine": True, **engine_options}
             install_tensor_handover(tensor_handover)
             # Every 128 image requests ended, LMDeploy's engine runs gc.collect() and malloc_trim
-            # in its scheduling thread (a server's guard against creeping host memory): ~1 s
-            # during which no request advances (py-spy on an H200 host). A batch job holds at
-            # most a batch of images; the user's own setting wins. Read when the engine's
-            # process starts.
+            # in its scheduling thread (a server's guard against creeping host memory), during
+            # which no request advances (~10 % of that thread's py-spy samples on an H200 host).
+            # A batch job holds at most a batch of images; the user's own setting wins. Read when
+            # the engine's process starts.
             os.environ.setdefault(TRIM_COUNT_VARIABLE, "0")
         engine_config = (PytorchEngineConfig if backend == "pytorch" else TurbomindEngineConfig)(
             session_len=session_len, max_batch_size=batch_size, **engine_options
