@@ -179,7 +179,7 @@ def kernel_seconds(fn, *args) -> tuple[float, float]:
     return wall, busy
 
 
-def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
+def lmdeploy_run(a, index: int, run: dict, eval_records: list[dict]) -> dict:
     import torch
     from lmdeploy import GenerationConfig
 
@@ -208,7 +208,7 @@ def lmdeploy_run(a, run: dict, eval_records: list[dict]) -> dict:
         del runner.pipe.async_engine.tokenizer.detokenize_incrementally  # LMDeploy's own method again
     row = dict(run, records=len(records), build_s=round(t, 1))
     passes = [engine_pass(runner, records, a.image_folder)]
-    spy = a.out / f"spy-{a.run.index(run)}.txt" if run.get("spy") else None
+    spy = a.out / f"spy-{index}.txt" if run.get("spy") else None
     with PySpy(spy):
         passes += [engine_pass(runner, records, a.image_folder) for _ in range(int(run.get("repeats", 1)))]
     outputs = passes[1]["outputs"]
@@ -276,9 +276,9 @@ def main(argv=None) -> None:
         print(f"[sweep] {json.dumps(row)}", flush=True)
         (a.out / "lmdeploy_sweep.json").write_text(json.dumps(rows, indent=1))
 
-    for run in a.run:
+    for index, run in enumerate(a.run):
         try:
-            keep(dict(engine="lmdeploy", **lmdeploy_run(a, run, records)))
+            keep(dict(engine="lmdeploy", **lmdeploy_run(a, index, run, records)))
         except Exception as e:  # keep the other runs' figures
             keep(dict(engine="lmdeploy", run=run, error=f"{type(e).__name__}: {e}"))
     for batch in filter(None, a.transformers.split(",")):

@@ -225,11 +225,11 @@ class FakePipeline:
 
         tokenizer = self.async_engine.tokenizer
         generated = tokenizer.encode(text, add_bos=False)
-        state = DetokenizeState(len(input_ids))
-        offset = state.ids_offset
-        all_ids = list(input_ids) + generated
-        response, state = tokenizer.detokenize_incrementally(
-            all_ids, state, skip_special_tokens=True, spaces_between_special_tokens=True
+        response, _ = tokenizer.detokenize_incrementally(
+            list(input_ids) + generated,
+            DetokenizeState(len(input_ids)),
+            skip_special_tokens=True,
+            spaces_between_special_tokens=True,
         )
         self.texts.append(response)
         return Response(
@@ -237,7 +237,7 @@ class FakePipeline:
             generate_token_len=len(generated),
             input_token_len=len(input_ids),
             finish_reason="stop",
-            token_ids=all_ids[offset:],
+            token_ids=generated,
         )
 
 

@@ -158,7 +158,9 @@ def install_tensor_handover(handover: str) -> bool:
     requests reach the engine. Returns whether LMDeploy's link was found (0.18's layout);
     without it requests go LMDeploy's own way."""
     if handover not in HANDOVERS:
-        raise LMDeployError(f"evaluate: unknown tensor hand-over {handover!r}; choose one of {HANDOVERS}")
+        raise LMDeployError(
+            f"evaluate: unknown tensor hand-over {handover!r}; choose one of {', '.join(HANDOVERS)}"
+        )
     try:
         from lmdeploy.pytorch.engine.mp_engine import zmq_rpc
     except ImportError:
